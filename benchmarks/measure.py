@@ -1,0 +1,165 @@
+"""Whole-process measurement: wall time and peak RSS of one child process.
+
+Each measured step runs as its own child (`sys.executable -c CODE` or
+`-m bnfold`) so its peak RSS is not polluted by the harness or by earlier
+steps. Peak RSS comes from os.wait4's rusage (ru_maxrss, KiB on Linux), which
+covers the child and any descendants it waited for; wall time is taken
+around Popen..wait4 in the parent, so interpreter start-up and imports count,
+exactly as a user running the CLI would pay them.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+@dataclass
+class Run:
+    """One child process: either measured numbers or an error string."""
+    wall_s: float | None = None
+    maxrss_kib: int | None = None
+    error: str | None = None          # "failed: <last stderr line>" or "timeout"
+    stdout: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Summary:
+    """Median over repeated runs; `error` set if any run failed (then no medians)."""
+    wall_s: float | None = None
+    maxrss_kib: int | None = None
+    error: str | None = None
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.wall_s is not None
+
+    @property
+    def rss_mib(self) -> float | None:
+        return None if self.maxrss_kib is None else self.maxrss_kib / 1024
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else "no output"
+
+
+def run_child(argv: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S,
+              env: dict[str, str] | None = None) -> Run:
+    """Run argv to completion and return wall time + peak RSS from wait4.
+
+    Output goes to temp files rather than pipes: with pipes a chatty child
+    would block once the pipe buffer fills, because the parent is sitting in
+    wait4 and not reading.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+        reaped: dict[str, object] = {}
+
+        def reap() -> None:
+            # Blocking wait4 in a thread gives an exact end time and lets the
+            # main thread enforce the timeout with join().
+            reaped["r"] = os.wait4(proc.pid, 0)
+            reaped["t"] = time.perf_counter()
+
+        th = threading.Thread(target=reap, daemon=True)
+        th.start()
+        th.join(timeout_s)
+        timed_out = th.is_alive()
+        if timed_out:
+            proc.kill()  # only this child, by its own pid
+            th.join()
+        _, status, ru = reaped["r"]  # type: ignore[misc]
+        proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits again
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    if timed_out:
+        return Run(error="timeout", stdout=stdout)
+    if proc.returncode != 0:
+        return Run(error=f"failed: {_last_line(stderr or stdout)}", stdout=stdout)
+    return Run(wall_s=float(reaped["t"]) - t0, maxrss_kib=int(ru.ru_maxrss), stdout=stdout)  # type: ignore[arg-type]
+
+
+def summarize(runs: list[Run]) -> Summary:
+    bad = next((r for r in runs if not r.ok), None)
+    if bad is not None:
+        return Summary(error=bad.error, runs=runs)
+    return Summary(wall_s=statistics.median(r.wall_s for r in runs),          # type: ignore[misc]
+                   maxrss_kib=int(statistics.median(r.maxrss_kib for r in runs)),  # type: ignore[misc]
+                   runs=runs)
+
+
+class Workdir:
+    """Fresh, disposable output directories under the scratch dir.
+
+    Every run writes to a new directory (a "fresh location" for external data)
+    that is removed right after, so 2 GB outputs never pile up on disk.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "out"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._n = 0
+
+    def fresh(self, tag: str) -> Path:
+        self._n += 1
+        d = self.root / f"{tag}-{self._n}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        return d
+
+    def clean(self, d: Path) -> None:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+ArgvFactory = Callable[[Path], list[str]]
+
+
+def measure_interleaved(factories: dict[str, ArgvFactory], k: int, work: Workdir,
+                        timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Summary]:
+    """Run each named command k times, round-robin, and take medians.
+
+    Round-robin (floor, tool, floor, tool, ...) rather than k floors then k
+    tools, so slow drift (page cache, thermal, noisy neighbours) hits both
+    sides of a ratio equally. A command that fails or times out is not
+    retried: its error is recorded and the others go on.
+    """
+    runs: dict[str, list[Run]] = {name: [] for name in factories}
+    for _ in range(k):
+        for name, make_argv in factories.items():
+            if runs[name] and not runs[name][-1].ok:
+                continue
+            out_dir = work.fresh(name)
+            try:
+                runs[name].append(run_child(make_argv(out_dir), timeout_s))
+            finally:
+                work.clean(out_dir)
+    return {name: summarize(r) for name, r in runs.items()}
+
+
+def measure(make_argv: ArgvFactory, k: int, work: Workdir, tag: str,
+            timeout_s: float = DEFAULT_TIMEOUT_S) -> Summary:
+    return measure_interleaved({tag: make_argv}, k, work, timeout_s)[tag]
+
+
+def py(code: str, *args: object) -> list[str]:
+    """argv for `python -c CODE args...` with this interpreter (same venv as the harness)."""
+    return [sys.executable, "-c", code, *map(str, args)]

@@ -1,0 +1,9 @@
+"""bnfold: fold BatchNormalization into neighbouring layers of ONNX models, exactly and verifiably."""
+
+from bnfold.api import CheckResult, FoldResult, check, fold, verify
+from bnfold.errors import BadInputError, BnfoldError, VerificationError
+from bnfold.report import Reason, Report
+
+__all__ = ["fold", "verify", "check", "FoldResult", "CheckResult", "Report", "Reason",
+           "BnfoldError", "BadInputError", "VerificationError"]
+__version__ = "0.1.0"

@@ -1,0 +1,128 @@
+"""The public Python surface: `fold`, `verify`, `check`. No click, no printing."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from bnfold.errors import BadInputError, VerificationError
+from bnfold.model_io import check_supported, load_model, save_model_atomic
+from bnfold.report import Reason, Report, Verification, op_counts
+from bnfold.rewrite import fold_model
+from bnfold.verify import verify as _verify
+
+ModelSource = onnx.ModelProto | str | os.PathLike
+
+
+@dataclass
+class FoldResult:
+    """A folded model (a new ModelProto: the input is never mutated) and what was done to it."""
+
+    model: onnx.ModelProto
+    report: Report
+    external_data: bool = False  # save with external data (the input had it)
+    protected_files: set[Path] = field(default_factory=set)  # the input's data files
+
+    def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+        """Write atomically; external data goes to a fresh `<path>.data`, never the input's file."""
+        use_external = self.external_data if external_data is None else external_data
+        saved = save_model_atomic(self.model, path, use_external, self.protected_files)
+        self.report.output_path = str(saved)
+        return saved
+
+
+def _open(model: ModelSource) -> tuple[onnx.ModelProto, ModelSource, Path | None, set[Path]]:
+    """A model bnfold may edit, the untouched original for verification, its path, its data files."""
+    if isinstance(model, onnx.ModelProto):
+        check_supported(model, "model")
+        try:
+            onnx.checker.check_model(model)
+        except (onnx.checker.ValidationError, ValueError) as error:
+            raise BadInputError(f"model: invalid model: {str(error).strip().splitlines()[0]}") from None
+        working = onnx.ModelProto()
+        working.CopyFrom(model)
+        return working, model, None, set()
+    if not isinstance(model, (str, os.PathLike)):
+        raise BadInputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
+    loaded = load_model(model)
+    # The loaded copy is ours to edit; onnxruntime reads the original from its file.
+    return loaded.model, loaded.path, loaded.path, loaded.external_files
+
+
+def fold(
+    model: ModelSource,
+    *,
+    verify: bool = True,
+    seed: int = 0,
+    input_shapes: dict[str, list[int]] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    raise_on_failure: bool = True,
+) -> FoldResult:
+    """Fold every exactly-foldable BatchNormalization (and per-channel Mul/Add) of `model`.
+
+    With `verify` (the default) the result is checked (onnx checker, analytic weight check,
+    onnxruntime with optimizations off); a failed check raises `VerificationError` carrying the
+    report, unless `raise_on_failure=False`, in which case `result.report.passed` is False.
+    """
+    working, original, path, protected = _open(model)
+    report = Report(input_path=None if path is None else str(path), ops_before=op_counts(working))
+    outcome = fold_model(working, keep_provenance=verify)
+    report.folded, report.skipped, report.passes = outcome.folded, outcome.skipped, outcome.passes
+    report.ops_after = op_counts(working)
+    result = FoldResult(working, report, external_data=bool(protected), protected_files=protected)
+    if verify:
+        report.verification = _verify(original, working, provenance=outcome.provenance, seed=seed,
+                                      input_shapes=input_shapes, atol=atol, rtol=rtol)
+        if raise_on_failure and not report.verification.passed:
+            raise VerificationError("verification failed: " + "; ".join(report.verification.failures()), report)
+    return result
+
+
+def verify(
+    original: ModelSource,
+    folded: ModelSource,
+    *,
+    seed: int = 0,
+    input_shapes: dict[str, list[int]] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> Verification:
+    """Compare any two models with the same inputs and outputs (checker + onnxruntime, optimizations
+    off). Raises `VerificationError` when they differ; returns the per-output numbers otherwise."""
+    folded_model = folded if isinstance(folded, onnx.ModelProto) else load_model(folded).model
+    if not isinstance(original, onnx.ModelProto):
+        original = load_model(original).path
+    result = _verify(original, folded_model, seed=seed, input_shapes=input_shapes, atol=atol, rtol=rtol)
+    if not result.passed:
+        report = Report(verification=result)
+        raise VerificationError("verification failed: " + "; ".join(result.failures()), report)
+    return result
+
+
+@dataclass
+class CheckResult:
+    """What `bnfold check` reports for one model: BNs that could still be folded, BNs in training mode."""
+
+    report: Report
+
+    @property
+    def foldable(self) -> list:
+        return [r for r in self.report.folded if r.op_type == "BatchNormalization"]
+
+    @property
+    def training(self) -> list:
+        return [r for r in self.report.skipped if r.reason == Reason.TRAINING_MODE]
+
+    @property
+    def clean(self) -> bool:
+        return not self.foldable and not self.training and self.report.passed
+
+
+def check(model: ModelSource, *, verify: bool = False, **verify_options) -> CheckResult:
+    """Fold in memory (nothing is written) and list what a CI gate should reject."""
+    result = fold(model, verify=verify, raise_on_failure=False, **verify_options)
+    return CheckResult(result.report)

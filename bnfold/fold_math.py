@@ -1,0 +1,221 @@
+"""Pure float64 fold arithmetic: no onnx, no graph, only numpy.
+
+Inference BatchNormalization is a per-channel affine map
+
+    y = gamma * (x - mean) / sqrt(var + eps) + beta = s * x + t,
+    s = gamma / sqrt(var + eps),   t = beta - mean * s.
+
+Mul/Add by a per-channel constant are affine maps too (s = c, t = 0 / s = 1, t = c), and affine maps
+compose: (s2, t2) after (s1, t1) is (s1 * s2, t1 * s2 + t2).
+
+*Backward* folds absorb an affine map that follows a linear layer along the layer's output channels:
+
+    Conv           W'[o] = W[o] * s[o]                         b' = b * s + t
+    ConvTranspose  W is [C_in, C_out/g, k...]: output channel o = g * (C_out/g) + j sits in
+                   the rows of group g, column j; same bias rule
+    Gemm           Y = alpha * A' B' + beta * C  ->  B'' = alpha * B' * s (columns of op(B)),
+                   C'' = beta * C * s + t, alpha = beta = 1
+    MatMul         W[:, o] * s[o]; bias as for Conv
+
+*Forward* folds absorb an affine map that precedes a linear layer along its input channels:
+
+    Conv (no padding)  W'[o, c] = W[o, c] * s[g*C_in/g + c],  b'[o] = b[o] + sum_{c,k} W[o,c,k] t[.]
+    Gemm (transA = 0)  op(B)'[k, n] = alpha * s[k] * op(B)[k, n],  C' = beta * C + alpha * t op(B)
+
+Zero padding is applied to the affine map's *output*, so a padded Conv sees t in the interior and 0 at
+the border: the forward fold is exact only without padding. Callers check that.
+
+Everything is computed in float64 from the stored values and rounded once by `round_to_dtype`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FloatArray = np.ndarray
+
+
+class InvalidAffineError(ValueError):
+    """BN statistics that do not describe a finite affine map (var + eps <= 0, NaN, Inf)."""
+
+
+@dataclass(frozen=True)
+class ChannelAffine:
+    """y = scale * x + shift per channel, float64, both of shape [C] (or [1] for a scalar)."""
+
+    scale: FloatArray
+    shift: FloatArray
+
+    @property
+    def channels(self) -> int:
+        return int(self.scale.shape[0])
+
+    def then(self, after: "ChannelAffine") -> "ChannelAffine":
+        """The map `after(self(x))`; scalar maps broadcast against per-channel ones."""
+        return ChannelAffine(self.scale * after.scale, self.shift * after.scale + after.shift)
+
+    def expanded(self, channels: int) -> "ChannelAffine":
+        """Broadcast a scalar map to `channels` channels (a per-channel map is returned as is)."""
+        if self.channels == channels:
+            return self
+        return ChannelAffine(
+            np.broadcast_to(self.scale, (channels,)).copy(),
+            np.broadcast_to(self.shift, (channels,)).copy(),
+        )
+
+
+def bn_affine(
+    gamma: FloatArray, beta: FloatArray, mean: FloatArray, var: FloatArray, eps: float
+) -> ChannelAffine:
+    """The affine map of inference BatchNormalization, computed in float64."""
+    gamma, beta, mean, var = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (gamma, beta, mean, var))
+    denominator = var + np.float64(eps)
+    if not all(np.isfinite(a).all() for a in (gamma, beta, mean, var)) or not np.isfinite(eps):
+        raise InvalidAffineError("BN parameters contain NaN or Inf")
+    if (denominator <= 0).any():
+        raise InvalidAffineError(f"var + epsilon <= 0 for {int((denominator <= 0).sum())} channel(s)")
+    scale = gamma / np.sqrt(denominator)
+    return ChannelAffine(scale, beta - mean * scale)
+
+
+def scale_affine(values: FloatArray) -> ChannelAffine:
+    """Mul by a per-channel constant."""
+    scale = np.asarray(values, dtype=np.float64).reshape(-1)
+    return ChannelAffine(scale, np.zeros_like(scale))
+
+
+def shift_affine(values: FloatArray, subtract: bool = False) -> ChannelAffine:
+    """Add (or Sub, `x - c`) of a per-channel constant."""
+    shift = np.asarray(values, dtype=np.float64).reshape(-1)
+    return ChannelAffine(np.ones_like(shift), -shift if subtract else shift)
+
+
+def _bias_or_zeros(bias: FloatArray | None, channels: int) -> FloatArray:
+    if bias is None:
+        return np.zeros(channels, dtype=np.float64)
+    return np.asarray(bias, dtype=np.float64)
+
+
+def _along(values: FloatArray, axis: int, ndim: int) -> FloatArray:
+    """Reshape a [C] vector so it broadcasts along `axis` of an `ndim`-d array."""
+    shape = [1] * ndim
+    shape[axis] = values.shape[0]
+    return values.reshape(shape)
+
+
+# --- backward folds: layer -> affine -------------------------------------------------------------
+
+
+def conv_backward(
+    weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine
+) -> tuple[FloatArray, FloatArray]:
+    """Conv weight [C_out, C_in/g, k...]: output channels are axis 0 whatever the group."""
+    out_channels = weight.shape[0]
+    affine = affine.expanded(out_channels)
+    new_weight = weight * _along(affine.scale, 0, weight.ndim)
+    return new_weight, _bias_or_zeros(bias, out_channels) * affine.scale + affine.shift
+
+
+def conv_transpose_backward(
+    weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine, group: int
+) -> tuple[FloatArray, FloatArray]:
+    """ConvTranspose weight [C_in, C_out/g, k...]: channel g*(C_out/g)+j is column j of group g."""
+    in_channels, out_per_group = weight.shape[:2]
+    kernel = weight.shape[2:]
+    out_channels = out_per_group * group
+    affine = affine.expanded(out_channels)
+    grouped = weight.reshape((group, in_channels // group, out_per_group) + kernel)
+    scale = affine.scale.reshape((group, 1, out_per_group) + (1,) * len(kernel))
+    new_weight = (grouped * scale).reshape(weight.shape)
+    return new_weight, _bias_or_zeros(bias, out_channels) * affine.scale + affine.shift
+
+
+def gemm_backward(
+    b_matrix: FloatArray,
+    c: FloatArray | None,
+    affine: ChannelAffine,
+    alpha: float,
+    beta: float,
+    trans_b: bool,
+) -> tuple[FloatArray, FloatArray]:
+    """New (B, C) for alpha = beta = 1; C keeps numpy broadcasting against [M, N]."""
+    out_channels = b_matrix.shape[0] if trans_b else b_matrix.shape[1]
+    affine = affine.expanded(out_channels)
+    new_b = np.float64(alpha) * b_matrix * _along(affine.scale, 0 if trans_b else 1, 2)
+    if c is None:
+        return new_b, affine.shift.copy()
+    # Y*s + t = alpha*A*(B*s) + (beta*C*s + t); broadcasting keeps [M, N]/[M, 1] C exact.
+    return new_b, np.float64(beta) * np.asarray(c, np.float64) * affine.scale + affine.shift
+
+
+def matmul_backward(
+    weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine
+) -> tuple[FloatArray, FloatArray]:
+    """MatMul weight [K, N]: output channels are the last axis."""
+    out_channels = weight.shape[1]
+    affine = affine.expanded(out_channels)
+    new_weight = weight * affine.scale[None, :]
+    return new_weight, _bias_or_zeros(bias, out_channels) * affine.scale + affine.shift
+
+
+# --- forward folds: affine -> layer --------------------------------------------------------------
+
+
+def conv_forward(
+    weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine, group: int
+) -> tuple[FloatArray, FloatArray]:
+    """Conv(s*x + t) without padding; input channel g*(C_in/g)+c is weight column c of group g."""
+    out_channels, in_per_group = weight.shape[:2]
+    kernel = weight.shape[2:]
+    affine = affine.expanded(in_per_group * group)
+    grouped = weight.reshape((group, out_channels // group, in_per_group) + kernel)
+    column_shape = (group, 1, in_per_group) + (1,) * len(kernel)
+    new_weight = (grouped * affine.scale.reshape(column_shape)).reshape(weight.shape)
+    summed_axes = tuple(range(2, grouped.ndim))
+    bias_delta = (grouped * affine.shift.reshape(column_shape)).sum(axis=summed_axes).reshape(-1)
+    return new_weight, _bias_or_zeros(bias, out_channels) + bias_delta
+
+
+def gemm_forward(
+    b_matrix: FloatArray,
+    c: FloatArray | None,
+    affine: ChannelAffine,
+    alpha: float,
+    beta: float,
+    trans_b: bool,
+) -> tuple[FloatArray, FloatArray]:
+    """Gemm(s*A + t, B) with transA = 0, as new (B, C) for alpha = beta = 1."""
+    op_b = b_matrix.T if trans_b else b_matrix  # [K, N]
+    affine = affine.expanded(op_b.shape[0])
+    new_op_b = np.float64(alpha) * op_b * affine.scale[:, None]
+    c_delta = np.float64(alpha) * (affine.shift @ op_b)  # [N]
+    new_c = c_delta if c is None else np.float64(beta) * np.asarray(c, np.float64) + c_delta
+    return (new_op_b.T if trans_b else new_op_b), new_c
+
+
+def matmul_forward(weight: FloatArray, affine: ChannelAffine) -> tuple[FloatArray, FloatArray]:
+    """MatMul(s*x + t, W) for a 2-D x: W' = diag(s) W, bias = t W."""
+    return gemm_forward(weight, None, affine, 1.0, 1.0, trans_b=False)
+
+
+# --- rounding -----------------------------------------------------------------------------------
+
+
+def round_to_dtype(values: FloatArray, dtype: np.dtype) -> np.ndarray:
+    """Round float64 values once, to nearest-even, into `dtype`.
+
+    numpy's float64 -> float16/float32 casts round correctly. ml_dtypes' bfloat16 cast goes through
+    float32 (a double rounding that can be 1 ulp off), so bfloat16 is rounded here on the float64
+    mantissa (8 significant bits) and then cast exactly.
+    """
+    dtype = np.dtype(dtype)
+    values = np.asarray(values, dtype=np.float64)
+    if dtype.name != "bfloat16":
+        with np.errstate(over="ignore"):
+            return values.astype(dtype)
+    mantissa, exponent = np.frexp(values)  # values = mantissa * 2**exponent, 0.5 <= |m| < 1
+    rounded = np.ldexp(np.round(mantissa * 256.0) / 256.0, exponent)
+    with np.errstate(over="ignore"):
+        return rounded.astype(np.float32).astype(dtype)

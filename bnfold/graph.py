@@ -1,0 +1,256 @@
+"""A read-only index of one ONNX graph scope: producers, consumers, constants, shapes, attributes.
+
+Built once per rewrite pass in O(nodes + initializers); every lookup afterwards is a dict access, so
+no rule ever scans the graph (that is what makes other tools quadratic on 10,000-node models).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Ops whose output is constant when all their inputs are; evaluated with onnx's reference evaluator.
+CONSTANT_FOLDABLE_OPS = frozenset(
+    {"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "ConstantOfShape", "Flatten", "Expand",
+     "Concat", "Transpose", "Shape", "Gather", "Slice", "Neg", "Sqrt", "Reciprocal", "Mul", "Add",
+     "Sub", "Div", "CastLike"}
+)
+# Constant subgraphs larger than this are left to the runtime: folding through them is not worth
+# evaluating an arbitrary program at fold time.
+MAX_CONSTANT_SUBGRAPH_NODES = 16
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    """Element type and shape of a value; a dim is an int, a symbolic name, or None."""
+
+    elem_type: int
+    shape: tuple[int | str | None, ...] | None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+
+def value_infos_of(graph: onnx.GraphProto) -> dict[str, ValueInfo]:
+    """Types and shapes declared for the values of a graph (inputs, outputs, value_info)."""
+    infos: dict[str, ValueInfo] = {}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        if not value.type.HasField("tensor_type"):
+            continue
+        tensor_type = value.type.tensor_type
+        shape = None
+        if tensor_type.HasField("shape"):
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+            )
+        infos[value.name] = ValueInfo(tensor_type.elem_type, shape)
+    for tensor in graph.initializer:
+        infos[tensor.name] = ValueInfo(tensor.data_type, tuple(tensor.dims))
+    return infos
+
+
+def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The bodies of If / Loop / Scan (and any other graph-valued attribute)."""
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            yield attribute.g
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            yield from attribute.graphs
+
+
+def scoped_subgraphs(node: onnx.NodeProto, scope: str) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """Each subgraph of `node` with a stable path naming its scope, e.g. `main/loop.body`."""
+    owner = node.name or (node.output[0] if node.output else node.op_type)
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield f"{scope}/{owner}.{attr.name}", attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for position, body in enumerate(attr.graphs):
+                yield f"{scope}/{owner}.{attr.name}[{position}]", body
+
+
+def names_used_inside(graph: onnx.GraphProto) -> set[str]:
+    """Every value name referenced by a node of `graph` or of its nested subgraphs.
+
+    Used to count outer-scope values captured by a subgraph as consumed: folding the producer of
+    such a value would silently change what the subgraph sees.
+    """
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(node.input)
+        for body in subgraphs_of(node):
+            used |= names_used_inside(body)
+    used.update(output.name for output in graph.output)
+    return used
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """A node attribute's value, or the operator spec's default."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+class GraphIndex:
+    """Read-only lookups over one graph scope (and, for constants, its enclosing scopes)."""
+
+    def __init__(
+        self,
+        graph: onnx.GraphProto,
+        ir_version: int,
+        opset: int,
+        value_infos: dict[str, ValueInfo] | None = None,
+        outer: "GraphIndex | None" = None,
+        is_main_graph: bool = True,
+    ) -> None:
+        self.graph = graph
+        self.ir_version = ir_version
+        self.opset = opset
+        self.outer = outer
+        self.nodes = list(graph.node)
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        for index, node in enumerate(self.nodes):
+            for output in node.output:
+                if output:
+                    self.producer[output] = index
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(index)
+            for body in subgraphs_of(node):
+                for name in names_used_inside(body):
+                    if index not in self.consumers[name]:
+                        self.consumers[name].append(index)
+        self.graph_outputs = {output.name for output in graph.output}
+        self.initializers = {tensor.name: tensor for tensor in graph.initializer}
+        graph_inputs = {value.name for value in graph.input}
+        # IR >= 4: an initializer that is also a graph input is a default the caller may override.
+        # IR < 4 listed every initializer as an input, so there it means nothing. Subgraph inputs are
+        # formal parameters bound by the enclosing op, never initializers the user feeds.
+        overridable = is_main_graph and ir_version >= 4
+        self.overridable = graph_inputs & self.initializers.keys() if overridable else set()
+        self.graph_inputs = graph_inputs - (self.initializers.keys() - self.overridable)
+        self.value_infos = value_infos if value_infos is not None else value_infos_of(graph)
+        self._constants: dict[str, np.ndarray | None] = {}
+
+    # --- structure ---------------------------------------------------------------------------
+
+    def producer_of(self, name: str) -> onnx.NodeProto | None:
+        index = self.producer.get(name)
+        return None if index is None else self.nodes[index]
+
+    def consumer_count(self, name: str) -> int:
+        return len(self.consumers.get(name, ())) + (1 if name in self.graph_outputs else 0)
+
+    def sole_consumer(self, name: str) -> onnx.NodeProto | None:
+        """The only node reading `name`, if exactly one does and it is not a graph output."""
+        readers = self.consumers.get(name, ())
+        if len(readers) != 1 or name in self.graph_outputs:
+            return None
+        return self.nodes[readers[0]]
+
+    def consumer_nodes(self, name: str) -> list[onnx.NodeProto]:
+        return [self.nodes[i] for i in self.consumers.get(name, ())]
+
+    def info(self, name: str) -> ValueInfo | None:
+        info = self.value_infos.get(name)
+        if info is None and self.outer is not None and name not in self.producer:
+            return self.outer.info(name)
+        return info
+
+    def rank(self, name: str) -> int | None:
+        info = self.info(name)
+        return None if info is None else info.rank
+
+    def elem_type(self, name: str) -> int | None:
+        info = self.info(name)
+        if info is None or not info.elem_type:
+            return None
+        return info.elem_type
+
+    # --- constants -----------------------------------------------------------------------------
+
+    def is_initializer(self, name: str) -> bool:
+        if name in self.initializers:
+            return name not in self.overridable
+        if name in self.producer or name in self.graph_inputs:
+            return False
+        return self.outer is not None and self.outer.is_initializer(name)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of `name` if it is fixed at fold time, else None. Cached per index."""
+        if not name:
+            return None
+        if name in self.initializers:
+            # Not cached: holding every weight here would keep a second copy of the model alive.
+            return None if name in self.overridable else numpy_helper.to_array(self.initializers[name])
+        if name not in self._constants:
+            self._constants[name] = self._evaluate_constant(name, MAX_CONSTANT_SUBGRAPH_NODES)
+        return self._constants[name]
+
+    def _evaluate_constant(self, name: str, budget: int) -> np.ndarray | None:
+        if name in self.initializers:
+            if name in self.overridable:
+                return None
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer_of(name)
+        if node is None:
+            if name in self.graph_inputs or self.outer is None:
+                return None
+            return self.outer.constant(name)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            return _constant_node_value(node)
+        if node.op_type not in CONSTANT_FOLDABLE_OPS or node.domain not in ("", "ai.onnx") or budget <= 0:
+            return None
+        inputs = []
+        for input_name in node.input:
+            value = self._evaluate_constant(input_name, budget - 1) if input_name else None
+            if input_name and value is None:
+                return None
+            inputs.append(value)
+        return _evaluate_node(node, inputs, self.opset, name)
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    attr = node.attribute[0] if len(node.attribute) == 1 else None
+    if attr is None:
+        return None
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name in ("value_float", "value_int"):
+        dtype = np.float32 if attr.name == "value_float" else np.int64
+        return np.array(onnx.helper.get_attribute_value(attr), dtype=dtype)
+    if attr.name in ("value_floats", "value_ints"):
+        dtype = np.float32 if attr.name == "value_floats" else np.int64
+        return np.array(onnx.helper.get_attribute_value(attr), dtype=dtype)
+    return None  # sparse_value / strings: not a dense numeric constant
+
+
+def _evaluate_node(
+    node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int, output_name: str
+) -> np.ndarray | None:
+    """Run one op on constant inputs with onnx's reference evaluator (no op re-implemented here)."""
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {name: value for name, value in zip(node.input, inputs) if name}
+    graph = onnx.helper.make_graph(
+        [node],
+        "constant",
+        [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+         for n, v in feeds.items()],
+        [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    try:
+        results = ReferenceEvaluator(model).run(None, feeds)
+    except Exception:  # noqa: BLE001 - an op the evaluator cannot run is simply not a constant
+        return None
+    outputs = [o for o in node.output if o]
+    return np.asarray(results[outputs.index(output_name)])

@@ -1,0 +1,191 @@
+"""Loading with one-line errors, and atomic saving with (fresh) external data.
+
+Every failure to read a model becomes a `BadInputError` naming the path: a pipeline gets exit code 2
+and one line, never a protobuf traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from bnfold.errors import BadInputError
+
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
+PROTOBUF_LIMIT = 2**31 - 1
+# Tensors at least this large go to the data file when a model is saved with external data.
+EXTERNAL_THRESHOLD_BYTES = 1024
+EXTERNAL_ALIGNMENT = 4096
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto
+    path: Path
+    external_files: set[Path]  # data files the input reads (never written by bnfold)
+
+    @property
+    def uses_external_data(self) -> bool:
+        return bool(self.external_files)
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Read an ONNX model and its external data; BadInputError for anything unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a directory, not an ONNX file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(LFS_POINTER_PREFIX))
+    except OSError as error:
+        raise BadInputError(f"{path}: cannot read ({error.strerror})") from None
+    if not head:
+        raise BadInputError(f"{path}: empty file")
+    if head.startswith(LFS_POINTER_PREFIX):
+        raise BadInputError(f"{path}: is a Git LFS pointer, not the model (run `git lfs pull`)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as error:
+        raise BadInputError(f"{path}: not an ONNX model ({_first_line(error) or 'protobuf parse failed'})") from None
+    except OSError as error:
+        raise BadInputError(f"{path}: cannot read ({error})") from None
+    if not model.HasField("graph") or model.ir_version == 0:
+        raise BadInputError(f"{path}: not an ONNX model (no graph or IR version)")
+    external = _external_files(model, path.parent)
+    missing = sorted(str(p) for p in external if not p.is_file())
+    if missing:
+        raise BadInputError(f"{path}: external data file missing: {missing[0]}")
+    if external:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as error:
+            raise BadInputError(f"{path}: cannot read external data ({_first_line(error)})") from None
+    check_supported(model, str(path))
+    try:  # by path: onnx's C++ reads the file itself, so no serialised copy of the weights is made
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError, OSError) as error:
+        raise BadInputError(f"{path}: invalid model: {_first_line(error)}") from None
+    return LoadedModel(model, path, external)
+
+
+def check_supported(model: onnx.ModelProto, label: str) -> None:
+    """Reject IR/opset versions the installed onnx does not know."""
+    if model.ir_version > onnx.IR_VERSION:
+        raise BadInputError(f"{label}: IR version {model.ir_version} is newer than this onnx supports "
+                            f"({onnx.IR_VERSION}); upgrade onnx")
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise BadInputError(f"{label}: opset {opset.version} is newer than this onnx supports ({newest})")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _external_files(model: onnx.ModelProto, base: Path) -> set[Path]:
+    files = set()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            files.add((base / info.get("location", "")).resolve())
+    return files
+
+
+def save_model_atomic(
+    model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False,
+    protected: set[Path] | None = None,
+) -> Path:
+    """Write `model` to `path` so that a crash leaves either the old file or the complete new one.
+
+    With `external_data` (forced above the 2 GB protobuf limit) tensors go to a *fresh* file
+    `<name>.data` beside it (never appended to, never one of the `protected` input data files).
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise BadInputError(f"{path}: output folder {folder} does not exist")
+    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
+    data_path = path.with_name(path.name + ".data") if external_data else None
+    if data_path is not None and protected and data_path.resolve() in protected:
+        data_path = path.with_name(path.name + ".folded.data")
+    temp_files: list[str] = []
+    try:
+        serialized_model = _serialize(model, data_path, folder, temp_files)
+        fd, temp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        temp_files.append(temp_model)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(serialized_model)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if data_path is not None:
+            os.replace(temp_files[0], data_path)
+        os.replace(temp_model, path)
+        _fsync_dir(folder)
+    except OSError as error:
+        raise BadInputError(f"{path}: cannot write ({error.strerror or error})") from None
+    finally:
+        for name in temp_files:
+            if os.path.exists(name):
+                os.unlink(name)
+    return path
+
+
+def _serialize(model: onnx.ModelProto, data_path: Path | None, folder: Path, temp_files: list[str]) -> bytes:
+    """The model's bytes; with a data path, big tensors are streamed to a temporary data file and
+    referenced from the serialized model without altering `model` itself."""
+    if data_path is None:
+        return model.SerializeToString()
+    fd, temp_data = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=folder)
+    temp_files.append(temp_data)
+    moved: list[tuple[onnx.TensorProto, int, int]] = []
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for tensor in external_data_helper._get_all_tensors(model):
+                if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_THRESHOLD_BYTES:
+                    continue
+                offset = (handle.tell() + EXTERNAL_ALIGNMENT - 1) // EXTERNAL_ALIGNMENT * EXTERNAL_ALIGNMENT
+                handle.seek(offset)
+                raw = tensor.raw_data
+                handle.write(raw)
+                moved.append((tensor, offset, len(raw)))
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+                del raw
+            handle.flush()
+            os.fsync(handle.fileno())
+        return model.SerializeToString()
+    finally:
+        # Put the weights back, one tensor at a time from the file just written, so the caller's
+        # model stays usable without ever holding a second copy of all weights.
+        with open(temp_data, "rb") as handle:
+            for tensor, offset, length in moved:
+                handle.seek(offset)
+                tensor.ClearField("external_data")
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = handle.read(length)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,70 @@
+"""Text, JSON and Markdown renderings of a `Report` (pure functions returning strings)."""
+
+from __future__ import annotations
+
+import json
+
+from bnfold.report import Report
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=2, default=str)
+
+
+def _op_rows(report: Report) -> list[tuple[str, int, int]]:
+    ops = sorted(set(report.ops_before) | set(report.ops_after))
+    return [(op, report.ops_before.get(op, 0), report.ops_after.get(op, 0)) for op in ops]
+
+
+def _verification_lines(report: Report) -> list[str]:
+    verification = report.verification
+    if verification is None:
+        return ["verification: skipped (--no-verify)"]
+    lines = [f"verification: {'PASSED' if verification.passed else 'FAILED'}",
+             f"  onnx checker: {'ok' if verification.checker_passed else 'FAILED'} ({verification.checker_message})"]
+    if verification.tensors:
+        worst = max(t.max_ulp_error for t in verification.tensors)
+        failed = sum(not t.passed for t in verification.tensors)
+        lines.append(f"  analytic check: {len(verification.tensors)} tensors, worst {worst:.3g} ulp, {failed} failed")
+    lines.append(f"  onnxruntime (optimizations off, seed {verification.seed}): {verification.runtime_status}")
+    for output in verification.outputs:
+        lines.append(f"    {output.name:<24} max abs {output.max_abs_error:.3g}  max rel {output.max_rel_error:.3g}  "
+                     f"rtol {output.rtol:g} atol {output.atol:g}  {'ok' if output.passed else 'FAIL'}")
+    return lines
+
+
+def to_text(report: Report, quiet: bool = False, verbose: bool = False) -> str:
+    """The human report: op table, one line per BN, verification summary. `quiet`: problems only."""
+    if quiet:
+        if report.passed:
+            return ""
+        return "\n".join(_verification_lines(report))
+    lines = [f"{report.input_path or 'model'}:", f"  {'op':<24}{'before':>8}{'after':>8}"]
+    lines += [f"  {op:<24}{before:>8}{after:>8}" for op, before, after in _op_rows(report)
+              if verbose or before != after or op == "BatchNormalization"]
+    for record in report.folded:
+        if verbose or record.op_type == "BatchNormalization":
+            lines.append(f"  folded  {record.op_type} '{record.node}' {record.direction} into {', '.join(record.into)}")
+    for record in report.skipped:
+        lines.append(f"  skipped {record.op_type} '{record.node}': {record.reason.value} ({record.detail})")
+    lines += _verification_lines(report)
+    if report.output_path:
+        lines.append(f"wrote {report.output_path}")
+    return "\n".join(lines)
+
+
+def to_markdown(report: Report) -> str:
+    """A summary for a CI job page."""
+    lines = [f"### bnfold: `{report.input_path or 'model'}`", "", "| op | before | after |", "|---|---:|---:|"]
+    lines += [f"| {op} | {before} | {after} |" for op, before, after in _op_rows(report)]
+    lines += ["", "| node | decision | detail |", "|---|---|---|"]
+    lines += [f"| {r.node} | folded ({r.direction}) | into {', '.join(r.into)} |" for r in report.folded]
+    lines += [f"| {r.node} | skipped: `{r.reason.value}` | {r.detail} |" for r in report.skipped]
+    verification = report.verification
+    if verification is not None:
+        lines += ["", f"Verification: **{'passed' if verification.passed else 'FAILED'}** "
+                  f"(onnxruntime {verification.runtime_status}, seed {verification.seed})", "",
+                  "| output | max abs | max rel | rtol | atol | result |", "|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {o.name} | {o.max_abs_error:.3g} | {o.max_rel_error:.3g} | {o.rtol:g} | {o.atol:g} | "
+                  f"{'ok' if o.passed else 'FAIL'} |" for o in verification.outputs]
+    return "\n".join(lines) + "\n"

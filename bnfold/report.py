@@ -1,0 +1,166 @@
+"""What bnfold decided and measured: reason codes, per-BN records, op counts, verification results.
+
+Every line a user sees about a BN (text, JSON, Markdown) is rendered from these records; the engine
+never prints.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import onnx
+
+JSON_SCHEMA_VERSION = 1
+
+
+class Reason(str, enum.Enum):
+    """Stable reason codes for a BN (or affine op) that was left in the model."""
+
+    TRAINING_MODE = "training_mode"  # training_mode=1: batch statistics, not an affine map
+    EXTRA_OUTPUTS = "extra_outputs"  # running mean/var outputs are consumed or declared
+    NOT_SPATIAL = "not_spatial"  # BN-1..7 spatial=0: statistics per element, not per channel
+    PARAMS_NOT_CONSTANT = "params_not_constant"  # scale/B/mean/var computed or fed at run time
+    INVALID_PARAMS = "invalid_params"  # NaN / Inf, var + eps <= 0, wrong length
+    UNSUPPORTED_DTYPE = "unsupported_dtype"  # not float16/bfloat16/float/double
+    NO_FOLDABLE_NEIGHBOUR = "no_foldable_neighbour"  # producer and consumers are not foldable layers
+    PRODUCER_HAS_OTHER_CONSUMERS = "producer_has_other_consumers"
+    PRODUCER_IS_GRAPH_OUTPUT = "producer_is_graph_output"
+    WEIGHT_NOT_CONSTANT = "weight_not_constant"
+    CHANNEL_AXIS_MISMATCH = "channel_axis_mismatch"  # e.g. BN (axis 1) after a rank-3 MatMul
+    UNKNOWN_SHAPE = "unknown_shape"
+    CHANNEL_COUNT_MISMATCH = "channel_count_mismatch"
+    PADDED_CONSUMER = "padded_consumer"  # forward fold into a Conv with zero padding is not exact
+    CONSUMER_NOT_FOLDABLE = "consumer_not_foldable"
+    OUTPUT_IS_GRAPH_OUTPUT = "output_is_graph_output"  # forward fold would delete a graph output
+    UNSUPPORTED_ATTRIBUTE = "unsupported_attribute"  # e.g. Gemm transA=1 for a forward fold
+
+
+@dataclass(frozen=True)
+class FoldedRecord:
+    """One BN (or per-channel Mul/Add/Sub/Div) removed from the model."""
+
+    node: str  # node name, or its output name when the node is unnamed
+    op_type: str
+    output: str
+    into: list[str]  # the layer node(s) that absorbed it
+    direction: str  # "backward" (into the producer) | "forward" (into consumers) | "merged"
+    graph: str = "main"  # the graph scope (subgraph path) it lived in
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """One BN left in the model, with a stable reason code and a human explanation."""
+
+    node: str
+    op_type: str
+    output: str
+    reason: Reason
+    detail: str
+    graph: str = "main"
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    """Analytic check of one written weight/bias against its float64 recomputation."""
+
+    tensor: str
+    layer: str
+    max_ulp_error: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One graph output compared between the original and folded model in onnxruntime."""
+
+    name: str
+    max_abs_error: float
+    max_rel_error: float  # max |a - b| / max |reference|
+    atol: float
+    rtol: float
+    mismatches: int
+    elements: int
+    passed: bool
+
+
+@dataclass
+class Verification:
+    """Everything verification computed; `passed` is True only if every check ran and passed."""
+
+    checker_passed: bool = False
+    checker_message: str = ""
+    tensors: list[TensorCheck] = field(default_factory=list)
+    outputs: list[OutputCheck] = field(default_factory=list)
+    runtime_status: str = "not run"  # "passed" | "failed" | "not run: <why>"
+    seed: int = 0
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def analytic_passed(self) -> bool:
+        return all(check.passed for check in self.tensors)
+
+    @property
+    def passed(self) -> bool:
+        return self.checker_passed and self.analytic_passed and self.runtime_status == "passed"
+
+    def failures(self) -> list[str]:
+        """One line per failed check, for error messages."""
+        lines = [] if self.checker_passed else [f"onnx checker: {self.checker_message}"]
+        lines += [f"tensor {t.tensor} ({t.layer}) off by {t.max_ulp_error:.3g} ulp" for t in self.tensors
+                  if not t.passed]
+        lines += [f"output {o.name}: {o.mismatches}/{o.elements} elements outside atol={o.atol:g} "
+                  f"rtol={o.rtol:g} (max abs error {o.max_abs_error:.3g})" for o in self.outputs if not o.passed]
+        if self.runtime_status not in ("passed", "failed"):
+            lines.append(f"onnxruntime comparison {self.runtime_status}")
+        return lines
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Op type histogram of the main graph and every subgraph."""
+    counts: Counter[str] = Counter()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            counts[node.op_type] += 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for body in attr.graphs:
+                        visit(body)
+
+    visit(model.graph)
+    return dict(sorted(counts.items()))
+
+
+@dataclass
+class Report:
+    """The outcome of one `fold` call."""
+
+    input_path: str | None = None
+    output_path: str | None = None
+    folded: list[FoldedRecord] = field(default_factory=list)
+    skipped: list[SkippedRecord] = field(default_factory=list)
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    verification: Verification | None = None
+    passes: int = 0
+
+    @property
+    def passed(self) -> bool:
+        """True when verification ran and passed, or was switched off on purpose."""
+        return self.verification is None or self.verification.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["schema_version"] = JSON_SCHEMA_VERSION
+        data["passed"] = self.passed
+        data["verified"] = self.verification is not None
+        if self.verification is not None:
+            data["verification"]["passed"] = self.verification.passed
+        for record in data["skipped"]:
+            record["reason"] = Reason(record["reason"]).value
+        return data

@@ -1,0 +1,275 @@
+"""The only module that edits a model: applies planned folds pass by pass until nothing changes.
+
+Guarantees kept here:
+- the BN's (chain end's) output name is produced by the folded layer, so graph outputs, value_info
+  and downstream names stay valid;
+- a weight another node (or a subgraph) also reads is never overwritten: the folded layer gets a new,
+  uniquely named initializer; a weight only this layer reads is overwritten under its own name;
+- initializers and constant nodes left without readers by a fold are removed;
+- every pass is O(nodes): one index build, one plan, one splice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bnfold import fold_math
+from bnfold.graph import CONSTANT_FOLDABLE_OPS, GraphIndex, names_used_inside, scoped_subgraphs, subgraphs_of
+from bnfold.report import FoldedRecord, SkippedRecord
+from bnfold.rules.affine_ops import AffineOp
+from bnfold.rules.chains import LayerPlan, MergePlan, compose, plan_pass
+from bnfold.rules.explain import explain_skipped
+from bnfold.rules.layers import build_nodes, fold_parameters
+from bnfold.shapes import infer_value_infos
+
+MAX_PASSES = 32
+
+
+@dataclass
+class Provenance:
+    """What a folded layer was made from, kept for the analytic check in `bnfold.verify`."""
+
+    scope: str
+    layer_node: onnx.NodeProto  # a copy of the original layer node
+    layer_params: dict[str, np.ndarray]  # its constant inputs as stored, by input name
+    pre: list[onnx.NodeProto]  # copies of the affine nodes folded in front, in data order
+    post: list[onnx.NodeProto]  # copies of the affine nodes folded behind, in data order
+    constants: dict[str, np.ndarray]  # the affine nodes' constant inputs as stored
+    rank: int | None  # rank of the tensors the affine maps act on (post side, else pre side)
+    pre_rank: int | None
+    written: list[str]  # initializer names the folded node(s) read, in input order
+    output: str  # the output name of the folded layer
+
+
+@dataclass
+class FoldOutcome:
+    folded: list[FoldedRecord] = field(default_factory=list)
+    skipped: list[SkippedRecord] = field(default_factory=list)
+    provenance: list[Provenance] = field(default_factory=list)
+    passes: int = 0
+
+
+class NameRegistry:
+    """Every name used anywhere in the model, so new names never collide across scopes."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.used: set[str] = set()
+        self._collect(model.graph)
+
+    def _collect(self, graph: onnx.GraphProto) -> None:
+        self.used.update(t.name for t in graph.initializer)
+        self.used.update(v.name for v in graph.input)
+        for node in graph.node:
+            self.used.update(node.input)
+            self.used.update(node.output)
+            for body in subgraphs_of(node):
+                self._collect(body)
+
+    def fresh(self, base: str) -> str:
+        name, counter = base, 0
+        while name in self.used:
+            counter += 1
+            name = f"{base}_{counter}"
+        self.used.add(name)
+        return name
+
+
+def fold_model(model: onnx.ModelProto, keep_provenance: bool = False) -> FoldOutcome:
+    """Fold every foldable affine chain of `model` in place (the caller owns `model`)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    folder = _Folder(model, opset, keep_provenance)
+    folder.fold_graph(model.graph, "main", None)
+    return folder.outcome
+
+
+class _Folder:
+    def __init__(self, model: onnx.ModelProto, opset: int, keep_provenance: bool) -> None:
+        self.model = model
+        self.opset = opset
+        self.keep_provenance = keep_provenance
+        self.names = NameRegistry(model)
+        self.value_infos = infer_value_infos(model)
+        self.outcome = FoldOutcome()
+
+    def fold_graph(self, graph: onnx.GraphProto, scope: str, outer: GraphIndex | None) -> None:
+        infos = self.value_infos.get(scope)
+
+        def build_index() -> GraphIndex:
+            return GraphIndex(graph, self.model.ir_version, self.opset, infos, outer, is_main_graph=outer is None)
+
+        index = build_index()
+        for _ in range(MAX_PASSES):
+            plan = plan_pass(index)
+            if not plan:
+                break
+            self.outcome.passes += 1
+            self._apply(graph, index, plan.layers, plan.merges, scope)
+            index = build_index()
+        for node in index.nodes:
+            for path, body in scoped_subgraphs(node, scope):
+                self.fold_graph(body, path, index)
+        self.outcome.skipped.extend(explain_skipped(index, scope))
+
+    # --- one pass --------------------------------------------------------------------------
+
+    def _apply(
+        self, graph: onnx.GraphProto, index: GraphIndex, layers: list[LayerPlan], merges: list[MergePlan], scope: str
+    ) -> None:
+        replaced: dict[int, onnx.NodeProto] = {}  # node position -> its replacement
+        removed: set[int] = set()
+        maybe_dead: set[str] = set()
+        forward_targets: dict[str, tuple[list[AffineOp], list[str]]] = {}  # chain head -> (chain, layers)
+        for plan in layers:
+            self._fold_layer(graph, index, plan, scope, replaced, removed, maybe_dead)
+            if plan.pre:
+                layer_name = plan.layer.node.name or plan.layer.output
+                forward_targets.setdefault(plan.pre[0].output, (plan.pre, []))[1].append(layer_name)
+        for chain, into in forward_targets.values():
+            self.outcome.folded.extend(_record(op, into, "forward", scope) for op in chain)
+        for merge in merges:
+            self._merge_chain(graph, index, merge, scope, replaced, removed, maybe_dead)
+        for position, node in replaced.items():
+            graph.node[position].CopyFrom(node)
+        for position in sorted(removed, reverse=True):
+            del graph.node[position]
+        _drop_dead_values(graph, maybe_dead)
+
+    def _fold_layer(self, graph, index, plan: LayerPlan, scope, replaced, removed, maybe_dead) -> None:
+        layer = plan.layer
+        x_name = plan.pre[0].data_input if plan.pre else layer.data_input
+        y_name = plan.post[-1].output if plan.post else layer.output
+        params = fold_parameters(layer, plan.pre_affine, plan.post_affine)
+        position = index.producer[layer.output]
+
+        def name_for(role: str, preferred: str) -> str:
+            # Overwrite in place only what nobody else reads; otherwise a fresh, unique name.
+            if role != "value" and preferred in index.initializers and index.consumer_count(preferred) == 1 \
+                    and preferred not in index.overridable and preferred in layer.node.input:
+                return preferred
+            return self.names.fresh(f"{preferred}_bnfold" if role != "value" else preferred)
+
+        provenance = self._provenance(index, plan, scope) if self.keep_provenance else None
+        nodes, tensors = build_nodes(layer, params, x_name, y_name, name_for, self.opset)
+        replaced[position] = nodes[0]
+        if len(nodes) > 1:  # MatMul + Add: the Add takes the place of the chain's last node
+            replaced[index.producer[plan.post[-1].output]] = nodes[1]
+        for name, values in tensors.items():
+            tensor = numpy_helper.from_array(values, name)
+            if name in index.initializers:
+                index.initializers[name].CopyFrom(tensor)
+            else:
+                graph.initializer.append(tensor)
+        maybe_dead.update(i for i in layer.node.input[1:] if i and i not in tensors)
+        for op in plan.pre + plan.post:
+            maybe_dead.update(op.node.input[1:] if op.node.op_type == "BatchNormalization" else op.node.input)
+            op_position = index.producer[op.output]
+            if op_position not in replaced:
+                removed.add(op_position)
+        into = [layer.node.name or layer.output]
+        self.outcome.folded.extend(_record(op, into, "backward", scope) for op in plan.post)
+        if provenance is not None:
+            provenance.written = [n for n in nodes[0].input[1:]] + [n for n in nodes[1:2] for n in n.input[1:]]
+            provenance.output = y_name
+            self.outcome.provenance.append(provenance)
+
+    def _merge_chain(self, graph, index, merge: MergePlan, scope, replaced, removed, maybe_dead) -> None:
+        chain = merge.chain
+        first_bn = next(op for op in chain if op.node.op_type == "BatchNormalization")
+        affine = compose(chain).expanded(max(op.affine.channels for op in chain))
+        scale_type = index.initializers.get(first_bn.node.input[1])
+        dtype = numpy_helper.to_array(scale_type).dtype if scale_type is not None else \
+            index.constant(first_bn.node.input[1]).dtype
+        base = first_bn.node.name or first_bn.output
+        names = [self.names.fresh(f"{base}_bnfold_{role}") for role in ("scale", "bias", "mean", "var")]
+        values = [affine.scale, affine.shift, np.zeros_like(affine.scale), np.ones_like(affine.scale)]
+        for name, value in zip(names, values):
+            graph.initializer.append(numpy_helper.from_array(fold_math.round_to_dtype(value, dtype), name))
+        # mean 0, var 1, epsilon 0: the BN computes exactly x * scale + bias.
+        merged = onnx.helper.make_node("BatchNormalization", [chain[0].data_input, *names], [chain[-1].output],
+                                       name=first_bn.node.name, epsilon=0.0)
+        replaced[index.producer[chain[-1].output]] = merged
+        for op in chain[:-1]:
+            removed.add(index.producer[op.output])
+        for op in chain:
+            maybe_dead.update(op.node.input[1:] if op.node.op_type == "BatchNormalization" else op.node.input)
+        for op in chain:
+            if op is not first_bn:
+                self.outcome.folded.append(_record(op, [first_bn.node.name or chain[-1].output], "merged", scope))
+
+    def _provenance(self, index: GraphIndex, plan: LayerPlan, scope: str) -> Provenance:
+        layer = plan.layer
+        constants: dict[str, np.ndarray] = {}
+        for op in plan.pre + plan.post:
+            for name in op.node.input:
+                value = index.constant(name) if name and name != op.data_input else None
+                if value is not None:
+                    constants[name] = value
+        params = {n: index.constant(n) for n in layer.node.input[1:] if n}
+        return Provenance(
+            scope=scope,
+            layer_node=_copy(layer.node),
+            layer_params=params,
+            pre=[_copy(op.node) for op in plan.pre],
+            post=[_copy(op.node) for op in plan.post],
+            constants=constants,
+            rank=layer.output_rank,
+            pre_rank=index.rank(plan.pre[0].data_input) if plan.pre else None,
+            written=[],
+            output="",
+        )
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def _record(op: AffineOp, into: list[str], direction: str, scope: str) -> FoldedRecord:
+    return FoldedRecord(op.node.name or op.output, op.node.op_type, op.output, into, direction, scope)
+
+
+def _drop_dead_values(graph: onnx.GraphProto, candidates: set[str]) -> None:
+    """Remove initializers and constant-producing nodes whose values nobody reads any more."""
+    if not candidates:
+        return
+    uses: Counter[str] = Counter(output.name for output in graph.output)
+    producers: dict[str, int] = {}
+    for position, node in enumerate(graph.node):
+        uses.update(name for name in node.input if name)
+        for body in subgraphs_of(node):
+            uses.update(names_used_inside(body))
+        producers.update((output, position) for output in node.output)
+    dead_names: set[str] = set()
+    dead_nodes: set[int] = set()
+    pending = [name for name in candidates if uses[name] == 0]
+    while pending:
+        name = pending.pop()
+        if name in dead_names:
+            continue
+        dead_names.add(name)
+        position = producers.get(name)
+        if position is None or position in dead_nodes:
+            continue
+        node = graph.node[position]
+        if node.op_type != "Constant" and node.op_type not in CONSTANT_FOLDABLE_OPS:
+            continue
+        if any(uses[output] for output in node.output if output):
+            continue
+        dead_nodes.add(position)
+        for name_in in node.input:
+            if name_in:
+                uses[name_in] -= 1
+                if uses[name_in] == 0:
+                    pending.append(name_in)
+    for position in sorted(dead_nodes, reverse=True):
+        del graph.node[position]
+    inputs = {value.name for value in graph.input}
+    doomed = [i for i, t in enumerate(graph.initializer) if t.name in dead_names and t.name not in inputs]
+    for position in reversed(doomed):
+        del graph.initializer[position]

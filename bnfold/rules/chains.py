@@ -1,0 +1,172 @@
+"""Plan one rewrite pass: which affine chains fold into which layers.
+
+A *chain* is a run of per-channel affine ops (BN, Mul/Add/Sub/Div by a constant) on one channel axis
+where every link but the last has a single consumer. For each chain, in order of preference:
+
+1. backward: the chain follows a layer whose output feeds only the chain -> absorb it as `post`;
+2. forward:  every consumer of the chain's end is a layer that can absorb it on its input channels
+             (no padding, axis and channel count match) -> absorb it as `pre` into each of them;
+3. merge:    a chain of two or more ops holding a BN is replaced by a single BN.
+
+Planning reads the `GraphIndex` only; `bnfold.rewrite` applies the plans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from bnfold.fold_math import ChannelAffine
+from bnfold.graph import GraphIndex
+from bnfold.rules.affine_ops import AffineOp, is_candidate, match_affine
+from bnfold.rules.layers import Layer, backward_refusal, forward_refusal, match_layer
+
+
+@dataclass
+class LayerPlan:
+    """Fold `pre` (a chain feeding the layer) and `post` (a chain after it) into one layer."""
+
+    layer: Layer
+    pre: list[AffineOp] = field(default_factory=list)
+    post: list[AffineOp] = field(default_factory=list)
+
+    @property
+    def pre_affine(self) -> ChannelAffine | None:
+        return compose(self.pre)
+
+    @property
+    def post_affine(self) -> ChannelAffine | None:
+        return compose(self.post)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Replace a chain of affine ops by one BatchNormalization with the composed map."""
+
+    chain: list[AffineOp]
+
+
+@dataclass
+class PassPlan:
+    layers: list[LayerPlan] = field(default_factory=list)
+    merges: list[MergePlan] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.layers or self.merges)
+
+
+def compose(chain: list[AffineOp]) -> ChannelAffine | None:
+    if not chain:
+        return None
+    affine = chain[0].affine
+    for op in chain[1:]:
+        affine = affine.then(op.affine)
+    return affine
+
+
+def chain_axis(chain: list[AffineOp]) -> int | None:
+    return next((op.axis for op in chain if op.axis is not None), None)
+
+
+def chain_channels(chain: list[AffineOp]) -> int:
+    return max(op.affine.channels for op in chain)
+
+
+def plan_pass(index: GraphIndex) -> PassPlan:
+    """Every non-conflicting fold available in the graph as it is now."""
+    plan = PassPlan()
+    by_layer: dict[str, LayerPlan] = {}  # layer output name -> its plan
+    claimed: set[str] = set()  # outputs of affine ops already placed in a plan
+    walked: set[str] = set()  # affine ops already seen in a forward chain (keeps walking linear)
+    for node in index.nodes:
+        layer = match_layer(node, index)
+        if isinstance(layer, Layer):
+            post = walk_backward_chain(layer, index)
+            if post and _worth_folding(layer, post):
+                by_layer[layer.output] = LayerPlan(layer, post=post)
+                claimed.update(op.output for op in post)
+    for node in index.nodes:
+        if not is_candidate(node) or node.output[0] in claimed or node.output[0] in walked:
+            continue
+        chain = walk_forward_chain(node, index, claimed)
+        if not chain:
+            continue
+        walked.update(op.output for op in chain)
+        targets = forward_targets(chain, index, by_layer)
+        if isinstance(targets, list):
+            for layer in targets:
+                by_layer.setdefault(layer.output, LayerPlan(layer)).pre = chain
+            claimed.update(op.output for op in chain)
+        elif len(chain) >= 2 and mergeable(chain, index):
+            plan.merges.append(MergePlan(chain))
+            claimed.update(op.output for op in chain)
+    plan.layers = list(by_layer.values())
+    return plan
+
+
+def walk_backward_chain(layer: Layer, index: GraphIndex) -> list[AffineOp]:
+    """The longest chain of affine ops after `layer` that it can absorb."""
+    chain: list[AffineOp] = []
+    current = layer.output
+    while True:
+        consumer = index.sole_consumer(current)
+        if consumer is None or not is_candidate(consumer):
+            return chain
+        op = match_affine(consumer, index, layer.output_rank)
+        if not isinstance(op, AffineOp) or op.data_input != current:
+            return chain
+        if backward_refusal(layer, op.axis, op.affine.channels) is not None:
+            return chain
+        chain.append(op)
+        current = op.output
+
+
+def walk_forward_chain(head: onnx.NodeProto, index: GraphIndex, claimed: set[str]) -> list[AffineOp]:
+    """The chain of affine ops starting at `head`, on one consistent axis."""
+    chain: list[AffineOp] = []
+    node: onnx.NodeProto | None = head
+    rank = None  # match_affine reads each data input's rank from the index
+    while node is not None and is_candidate(node) and node.output[0] not in claimed:
+        op = match_affine(node, index, rank)
+        if not isinstance(op, AffineOp) or (chain and op.data_input != chain[-1].output):
+            break
+        axis = chain_axis(chain)
+        if axis is not None and op.axis is not None and op.axis != axis:
+            break
+        chain.append(op)
+        node = index.sole_consumer(op.output)
+    return chain
+
+
+def forward_targets(chain: list[AffineOp], index: GraphIndex, by_layer: dict[str, LayerPlan]) -> list[Layer] | None:
+    """The layers that absorb `chain` forward, or None if any consumer cannot."""
+    end = chain[-1].output
+    consumers = index.consumer_nodes(end)
+    if not consumers or end in index.graph_outputs:
+        return None
+    layers = []
+    for consumer in consumers:
+        layer = match_layer(consumer, index)
+        if not isinstance(layer, Layer) or list(consumer.input).count(end) != 1 or layer.data_input != end:
+            return None
+        if forward_refusal(layer, chain_axis(chain), chain_channels(chain)) is not None:
+            return None
+        if layer.output in by_layer and by_layer[layer.output].pre:
+            return None
+        layers.append(layer)
+    return layers
+
+
+def mergeable(chain: list[AffineOp], index: GraphIndex) -> bool:
+    """A chain holding a BN on axis 1 can become one BN (opset >= 7: no consumed_inputs)."""
+    has_bn = any(op.node.op_type == "BatchNormalization" for op in chain)
+    return has_bn and chain_axis(chain) in (None, 1) and index.opset >= 7 and chain_channels(chain) > 1
+
+
+def _worth_folding(layer: Layer, post: list[AffineOp]) -> bool:
+    """MatMul -> Add(bias) is already the canonical form: folding only shifts into it would not
+    remove anything, just turn it into a Gemm."""
+    if layer.kind != "MatMul":
+        return True
+    return any(op.node.op_type not in ("Add", "Sub") for op in post)

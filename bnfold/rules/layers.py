@@ -1,0 +1,220 @@
+"""Linear layers that can absorb a per-channel affine map: Conv, ConvTranspose, Gemm, MatMul.
+
+`match_layer` reads a layer's constant parameters and channel layout; `fold_parameters` composes
+`post(layer(pre(x)))` into new float64 parameters (via `fold_math`) and `build_nodes` turns them into
+the replacement node(s). A MatMul whose fold needs a bias becomes a Gemm when its input is 2-D, or a
+MatMul + Add otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from bnfold import fold_math
+from bnfold.fold_math import ChannelAffine
+from bnfold.graph import GraphIndex, attribute
+from bnfold.report import Reason
+from bnfold.rules.affine_ops import is_default_domain
+from bnfold.rules.refusal import Refusal
+
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A linear layer with constant parameters and known channel axes."""
+
+    node: onnx.NodeProto
+    weight: np.ndarray  # as stored (its dtype is the dtype every new parameter is rounded to)
+    bias: np.ndarray | None
+    output_rank: int | None
+    out_axis: int | None  # axis of the output tensor that carries output channels
+    in_axis: int | None  # axis of the input tensor that the layer contracts over channels
+    out_channels: int
+    in_channels: int
+    attributes: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.node.op_type
+
+    @property
+    def data_input(self) -> str:
+        return self.node.input[0]
+
+    @property
+    def output(self) -> str:
+        return self.node.output[0]
+
+
+def match_layer(node: onnx.NodeProto, index: GraphIndex) -> Layer | Refusal | None:
+    """The layer `node` is, None if it is no layer kind at all, or why its parameters are unusable."""
+    if node.op_type not in LAYER_OPS or not is_default_domain(node) or len(node.input) < 2:
+        return None
+    weight = index.constant(node.input[1])
+    if weight is None:
+        return Refusal(Reason.WEIGHT_NOT_CONSTANT, f"{node.op_type} weight '{node.input[1]}' is not a constant")
+    if weight.dtype.kind != "f" and weight.dtype.name != "bfloat16":
+        return Refusal(Reason.UNSUPPORTED_DTYPE, f"{node.op_type} weight has dtype {weight.dtype}")
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = index.constant(node.input[2])
+        if bias is None:
+            return Refusal(Reason.WEIGHT_NOT_CONSTANT, f"{node.op_type} bias '{node.input[2]}' is not a constant")
+    input_rank = index.rank(node.input[0])
+    if node.op_type in ("Conv", "ConvTranspose"):
+        if weight.ndim < 3:
+            return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} weight of rank {weight.ndim}")
+        group = int(attribute(node, "group", 1))
+        if node.op_type == "Conv":
+            out_channels, in_channels = weight.shape[0], weight.shape[1] * group
+        else:
+            out_channels, in_channels = weight.shape[1] * group, weight.shape[0]
+        return Layer(node, weight, bias, weight.ndim, 1, 1, out_channels, in_channels, {"group": group})
+    if weight.ndim != 2:
+        return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} weight of rank {weight.ndim} (2 needed)")
+    if node.op_type == "Gemm":
+        attrs = {
+            "alpha": float(attribute(node, "alpha", 1.0)),
+            "beta": float(attribute(node, "beta", 1.0)),
+            "trans_a": int(attribute(node, "transA", 0)),
+            "trans_b": int(attribute(node, "transB", 0)),
+        }
+        out_channels, in_channels = weight.shape if attrs["trans_b"] else weight.shape[::-1]
+        return Layer(node, weight, bias, 2, 1, None if attrs["trans_a"] else 1, out_channels, in_channels, attrs)
+    # MatMul(x, W): output features on the last axis, contraction over x's last axis.
+    output_rank = None if input_rank is None else max(input_rank, 2)
+    in_axis = None if input_rank is None else input_rank - 1
+    out_axis = None if output_rank is None else output_rank - 1
+    return Layer(node, weight, None, output_rank, out_axis, in_axis, weight.shape[1], weight.shape[0])
+
+
+def backward_refusal(layer: Layer, axis: int | None, channels: int) -> Refusal | None:
+    """Why an affine map on `axis` with `channels` channels after `layer` cannot be absorbed."""
+    if axis is not None and layer.out_axis is None:
+        return Refusal(Reason.UNKNOWN_SHAPE, f"rank of {layer.kind} output '{layer.output}' is unknown")
+    if axis is not None and axis != layer.out_axis:
+        return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"acts on axis {axis}, {layer.kind} output channels are "
+                       f"axis {layer.out_axis} of a rank-{layer.output_rank} tensor")
+    if channels not in (1, layer.out_channels):
+        return Refusal(Reason.CHANNEL_COUNT_MISMATCH, f"{channels} channels vs {layer.out_channels} outputs")
+    return None
+
+
+def forward_refusal(layer: Layer, axis: int | None, channels: int) -> Refusal | None:
+    """Why an affine map on `axis` feeding `layer` cannot be absorbed into it."""
+    if layer.kind == "ConvTranspose":
+        return Refusal(Reason.CONSUMER_NOT_FOLDABLE, "forward fold into ConvTranspose is not implemented")
+    if layer.kind == "Gemm" and layer.attributes["trans_a"]:
+        return Refusal(Reason.UNSUPPORTED_ATTRIBUTE, "Gemm transA=1 contracts over axis 0 of its input")
+    if layer.kind == "Conv":
+        padding = _conv_padding(layer.node, layer.weight.shape[2:])
+        if padding:
+            return Refusal(Reason.PADDED_CONSUMER, f"Conv '{layer.node.name or layer.output}' {padding}: "
+                           "zero padding is applied after the affine map, so the fold is not exact")
+    if layer.kind == "MatMul" and layer.in_axis != 1:
+        return Refusal(Reason.CHANNEL_AXIS_MISMATCH, "forward fold into MatMul needs a 2-D input")
+    if axis is not None and layer.in_axis is None:
+        return Refusal(Reason.UNKNOWN_SHAPE, f"rank of {layer.kind} input is unknown")
+    if axis is not None and axis != layer.in_axis:
+        return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"acts on axis {axis}, {layer.kind} contracts axis {layer.in_axis}")
+    if channels not in (1, layer.in_channels):
+        return Refusal(Reason.CHANNEL_COUNT_MISMATCH, f"{channels} channels vs {layer.in_channels} inputs")
+    return None
+
+
+def _conv_padding(node: onnx.NodeProto, kernel: tuple[int, ...]) -> str:
+    """A description of the zero padding a Conv applies, or '' when it applies none."""
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        strides = attribute(node, "strides", None) or [1] * len(kernel)
+        if all(k == 1 for k in kernel) and all(s == 1 for s in strides):
+            return ""  # a 1x1 stride-1 SAME conv pads nothing
+        return f"auto_pad={auto_pad}"
+    if auto_pad == "VALID":
+        return ""
+    pads = attribute(node, "pads", None) or []
+    return f"pads={list(pads)}" if any(pads) else ""
+
+
+@dataclass(frozen=True)
+class FoldedParameters:
+    weight: np.ndarray  # float64
+    bias: np.ndarray | None  # float64; None: the layer needs no bias
+
+
+def fold_parameters(layer: Layer, pre: ChannelAffine | None, post: ChannelAffine | None) -> FoldedParameters:
+    """The float64 parameters of `post ∘ layer ∘ pre` (either map may be absent)."""
+    weight = layer.weight.astype(np.float64)
+    bias = None if layer.bias is None else layer.bias.astype(np.float64)
+    attrs = layer.attributes
+    if layer.kind == "Gemm":
+        alpha, beta, trans_b = attrs["alpha"], attrs["beta"], bool(attrs["trans_b"])
+        if pre is not None:
+            weight, bias = fold_math.gemm_forward(weight, bias, pre, alpha, beta, trans_b)
+            alpha = beta = 1.0
+        if post is not None:
+            weight, bias = fold_math.gemm_backward(weight, bias, post, alpha, beta, trans_b)
+        elif pre is None:
+            raise ValueError("nothing to fold")
+        return FoldedParameters(weight, bias)
+    if pre is not None:
+        if layer.kind == "Conv":
+            weight, bias = fold_math.conv_forward(weight, bias, pre, attrs["group"])
+        else:  # MatMul (ConvTranspose is refused by forward_refusal)
+            weight, bias = fold_math.matmul_forward(weight, pre)
+    if post is not None:
+        if layer.kind == "Conv":
+            weight, bias = fold_math.conv_backward(weight, bias, post)
+        elif layer.kind == "ConvTranspose":
+            weight, bias = fold_math.conv_transpose_backward(weight, bias, post, attrs["group"])
+        else:
+            weight, bias = fold_math.matmul_backward(weight, bias, post)
+    if bias is not None and layer.bias is None and not bias.any():
+        bias = None  # only scales were absorbed: no need for a zero bias
+    return FoldedParameters(weight, bias)
+
+
+# Allocates an initializer name for a role ("weight"/"bias") of the layer, given a preferred name.
+NameFor = Callable[[str, str], str]
+
+
+def build_nodes(
+    layer: Layer, params: FoldedParameters, x_name: str, y_name: str, name_for: NameFor, opset: int
+) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+    """The node(s) replacing `layer`, reading `x_name` and producing `y_name`, and their tensors."""
+    dtype = layer.weight.dtype
+    tensors = {name_for("weight", layer.node.input[1]): fold_math.round_to_dtype(params.weight, dtype)}
+    weight_name = next(iter(tensors))
+    node = onnx.NodeProto()
+    node.CopyFrom(layer.node)
+    del node.input[:]
+    del node.output[:]
+    node.output.append(y_name)
+    if params.bias is None:
+        node.input.extend([x_name, weight_name])
+        return [node], tensors
+    bias_name = name_for("bias", layer.node.input[2] if layer.bias is not None else f"{weight_name}_bias")
+    tensors[bias_name] = fold_math.round_to_dtype(params.bias, dtype)
+    if layer.kind in ("Conv", "ConvTranspose"):
+        node.input.extend([x_name, weight_name, bias_name])
+        return [node], tensors
+    if layer.kind == "Gemm" or layer.in_axis == 1:
+        # Gemm (or a 2-D MatMul turned into one): alpha and beta are already inside B and C.
+        gemm = onnx.helper.make_node("Gemm", [x_name, weight_name, bias_name], [y_name], name=layer.node.name)
+        kept = {"transA", "transB"} if layer.kind == "Gemm" else set()
+        gemm.attribute.extend(a for a in layer.node.attribute if a.name in kept)
+        if opset < 7 and tensors[bias_name].ndim < 2:
+            gemm.attribute.append(onnx.helper.make_attribute("broadcast", 1))
+        return [gemm], tensors
+    # MatMul on a rank >= 3 input: keep the MatMul and add the bias after it.
+    matmul_output = f"{y_name}_bnfold_matmul"
+    node.input.extend([x_name, weight_name])
+    node.output[0] = name_for("value", matmul_output)
+    add = onnx.helper.make_node("Add", [node.output[0], bias_name], [y_name], name=f"{layer.node.name}_bias")
+    return [node, add], tensors

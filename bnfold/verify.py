@@ -1,0 +1,217 @@
+"""Prove the folded model computes what the original computes.
+
+1. onnx.checker (full: strict shape inference) on the folded model;
+2. analytic: every folded weight/bias equals its float64 recomputation from the *original* stored
+   parameters to within 1 ulp of its dtype. The affine maps are recomputed by running the original
+   BN / Mul / Add nodes in onnx's reference evaluator, independently of `fold_math`, so a wrong fold
+   formula (say, a dropped epsilon) is caught even where output tolerances would let it through;
+3. both models run in onnxruntime on CPU with graph optimizations OFF (onnxruntime fuses Conv+BN
+   itself from ORT_ENABLE_BASIC on, which would compare the fold with itself) on seeded random inputs,
+   each output compared element-wise: |a - b| <= atol + rtol * |b|, NaN/Inf in the same places.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bnfold.fold_math import ChannelAffine
+from bnfold.graph import scoped_subgraphs
+from bnfold.model_io import PROTOBUF_LIMIT, save_model_atomic
+from bnfold.report import TensorCheck, Verification
+from bnfold.rewrite import Provenance
+from bnfold.rules.layers import fold_parameters, match_layer
+
+# Default output tolerances per element type: (rtol, atol).
+TOLERANCES = {
+    onnx.TensorProto.FLOAT: (1e-4, 1e-5),
+    onnx.TensorProto.DOUBLE: (1e-9, 1e-12),
+    onnx.TensorProto.FLOAT16: (1e-2, 1e-3),
+    onnx.TensorProto.BFLOAT16: (5e-2, 1e-2),
+}
+EXACT = (0.0, 0.0)
+# float64 slack of the recomputation itself, relative to the magnitude of the values involved.
+RECOMPUTE_SLACK = 1e-12
+
+ModelSource = onnx.ModelProto | str | os.PathLike
+
+
+def verify(
+    original: ModelSource,
+    folded: onnx.ModelProto,
+    *,
+    provenance: Sequence[Provenance] = (),
+    seed: int = 0,
+    input_shapes: dict[str, list[int]] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    run_onnxruntime: bool = True,
+) -> Verification:
+    """Check `folded` against `original`; the result's `.passed` says whether every check passed."""
+    result = Verification(seed=seed)
+    result.checker_passed, result.checker_message = _check_model(folded, original)
+    result.tensors = analytic_checks(folded, provenance)
+    if run_onnxruntime:
+        from bnfold.runtime import compare_outputs
+
+        compare_outputs(original, folded, result, input_shapes or {}, atol, rtol)
+    else:
+        result.runtime_status = "not run: switched off"
+    return result
+
+
+def _check_model(folded: onnx.ModelProto, original: ModelSource) -> tuple[bool, str]:
+    try:
+        _run_checker(folded, full_check=True)
+        return True, "ok"
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as error:
+        strict_error = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # Strict shape inference also fails on some valid exports (custom ops): if the original fails it
+    # too, the fold did not cause it, and the folded model must still pass the plain checker.
+    try:
+        _run_checker(original if isinstance(original, onnx.ModelProto) else str(original), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError):
+        try:
+            _run_checker(folded, full_check=False)
+            return True, f"ok (strict shape inference fails on the original too: {strict_error})"
+        except (onnx.checker.ValidationError, ValueError) as error:
+            return False, str(error).strip().splitlines()[0]
+    return False, strict_error
+
+
+def _run_checker(model: onnx.ModelProto | str, full_check: bool) -> None:
+    if isinstance(model, onnx.ModelProto) and model.ByteSize() > PROTOBUF_LIMIT:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            save_model_atomic(model, path, external_data=True)
+            onnx.checker.check_model(str(path), full_check=full_check)
+        return
+    onnx.checker.check_model(model, full_check=full_check)
+
+
+# --- analytic check ------------------------------------------------------------------------------
+
+
+def analytic_checks(folded: onnx.ModelProto, provenance: Sequence[Provenance]) -> list[TensorCheck]:
+    """Compare each written tensor with a float64 recomputation from the original parameters."""
+    tensors = _initializers_by_scope(folded)
+    checks = []
+    for record in provenance:
+        expected = _expected_parameters(record)
+        layer_name = record.layer_node.name or record.output
+        for name, values in zip(record.written, expected):
+            written = tensors.get((record.scope, name))
+            if written is None:
+                checks.append(TensorCheck(name, layer_name, float("inf"), False))
+                continue
+            error = ulp_error(numpy_helper.to_array(written), values)
+            checks.append(TensorCheck(name, layer_name, error, error <= 1.0))
+    return checks
+
+
+def ulp_error(written: np.ndarray, expected: np.ndarray) -> float:
+    """max |written - expected| in units of the written dtype's spacing at `expected`.
+
+    A float64 slack proportional to the values' magnitude absorbs the recomputation's own rounding.
+    """
+    written64 = written.astype(np.float64)
+    if written64.shape != expected.shape:
+        return float("inf")
+    dtype = written.dtype if written.dtype.name != "bfloat16" else np.dtype(np.float32)
+    spacing = np.spacing(np.abs(expected).astype(dtype)).astype(np.float64)
+    if written.dtype.name == "bfloat16":
+        spacing = spacing * 2.0**16  # bfloat16 keeps 8 of float32's 24 significant bits
+    slack = RECOMPUTE_SLACK * max(float(np.abs(expected).max(initial=0.0)), 1e-30)
+    error = np.abs(written64 - expected)
+    return float((np.maximum(error - slack, 0.0) / spacing).max(initial=0.0))
+
+
+def _expected_parameters(record: Provenance) -> list[np.ndarray]:
+    """The float64 parameters the folded node(s) should hold, in `record.written` order."""
+    from bnfold.graph import GraphIndex
+
+    graph = onnx.helper.make_graph([record.layer_node], "layer", [], [], [
+        numpy_helper.from_array(value, name) for name, value in record.layer_params.items()])
+    layer = match_layer(record.layer_node, GraphIndex(graph, 8, 21))
+    pre = _probe_affine(record.pre, record.constants, record.pre_rank)
+    post = _probe_affine(record.post, record.constants, record.rank)
+    params = fold_parameters(layer, pre, post)
+    return [params.weight] + ([params.bias] if params.bias is not None else [])
+
+
+def _probe_affine(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], rank: int | None) -> ChannelAffine | None:
+    """Recover (scale, shift) of a chain of original affine nodes by evaluating it on 0 and 1.
+
+    The chain is run in float64 by onnx's reference evaluator on a probe tensor with one element
+    per channel; f(0) = shift and f(1) - f(0) = scale.
+    """
+    if not nodes:
+        return None
+    from onnx.reference import ReferenceEvaluator
+
+    rank = max([rank or 2] + [v.ndim for v in constants.values()])
+    channels = max(max((v.size for v in constants.values()), default=1), 1)
+    axis = _probe_axis(nodes, constants, rank)
+    shape = [1] * rank
+    shape[axis] = channels
+    data_name = _data_input(nodes[0], constants)
+    model_nodes = [_as_opset15(node) for node in nodes]
+    inits = [numpy_helper.from_array(np.asarray(v, np.float64), n) for n, v in constants.items()]
+    graph = onnx.helper.make_graph(
+        model_nodes, "probe",
+        [onnx.helper.make_tensor_value_info(data_name, onnx.TensorProto.DOUBLE, shape)],
+        [onnx.helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.DOUBLE, None)],
+        inits,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 15)])
+    evaluator = ReferenceEvaluator(model)
+    zero = evaluator.run(None, {data_name: np.zeros(shape)})[0].reshape(-1)
+    one = evaluator.run(None, {data_name: np.ones(shape)})[0].reshape(-1)
+    return ChannelAffine(one - zero, zero)
+
+
+def _probe_axis(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], rank: int) -> int:
+    if any(node.op_type == "BatchNormalization" for node in nodes):
+        return 1
+    for node in nodes:
+        for name in node.input:
+            if name in constants and constants[name].size > 1:
+                shape = constants[name].shape
+                return rank - len(shape) + next(i for i, d in enumerate(shape) if d != 1)
+    return rank - 1
+
+
+def _data_input(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> str:
+    return next(name for name in node.input if name and name not in constants)
+
+
+def _as_opset15(node: onnx.NodeProto) -> onnx.NodeProto:
+    """BN of any opset as BN-15 (same math): the probe model needs one opset for every node."""
+    if node.op_type != "BatchNormalization":
+        return node
+    eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    return onnx.helper.make_node("BatchNormalization", list(node.input[:5]), [node.output[0]], epsilon=eps)
+
+
+def _initializers_by_scope(model: onnx.ModelProto) -> dict[tuple[str, str], onnx.TensorProto]:
+    found: dict[tuple[str, str], onnx.TensorProto] = {}
+
+    def visit(graph: onnx.GraphProto, scope: str) -> None:
+        found.update(((scope, t.name), t) for t in graph.initializer)
+        for node in graph.node:
+            for path, body in scoped_subgraphs(node, scope):
+                visit(body, path)
+
+    visit(model.graph, "main")
+    return found
+
+
+def default_tolerance(elem_type: int) -> tuple[float, float]:
+    return TOLERANCES.get(elem_type, EXACT)
+
