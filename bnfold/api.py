@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import onnx
 
 from bnfold.errors import BadInputError, VerificationError
 from bnfold.model_io import check_supported, load_model, save_model_atomic
 from bnfold.report import Reason, Report, Verification, op_counts
 from bnfold.rewrite import fold_model
+from bnfold.runtime import RunConfig
 from bnfold.verify import verify as _verify
 
 ModelSource = onnx.ModelProto | str | os.PathLike
@@ -60,6 +63,11 @@ def fold(
     input_shapes: dict[str, list[int]] | None = None,
     atol: float | None = None,
     rtol: float | None = None,
+    inputs: dict[str, np.ndarray] | None = None,
+    iterations: int = 1,
+    providers: Sequence[str] = (),
+    save_inputs: str | None = None,
+    save_outputs: str | None = None,
     raise_on_failure: bool = True,
 ) -> FoldResult:
     """Fold every exactly-foldable BatchNormalization (and per-channel Mul/Add) of `model`.
@@ -75,8 +83,9 @@ def fold(
     report.ops_after = op_counts(working)
     result = FoldResult(working, report, external_data=bool(protected), protected_files=protected)
     if verify:
-        report.verification = _verify(original, working, provenance=outcome.provenance, seed=seed,
-                                      input_shapes=input_shapes, atol=atol, rtol=rtol)
+        config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, list(providers),
+                           save_inputs, save_outputs)
+        report.verification = _verify(original, working, provenance=outcome.provenance, config=config)
         if raise_on_failure and not report.verification.passed:
             raise VerificationError("verification failed: " + "; ".join(report.verification.failures()), report)
     return result
@@ -96,7 +105,8 @@ def verify(
     folded_model = folded if isinstance(folded, onnx.ModelProto) else load_model(folded).model
     if not isinstance(original, onnx.ModelProto):
         original = load_model(original).path
-    result = _verify(original, folded_model, seed=seed, input_shapes=input_shapes, atol=atol, rtol=rtol)
+    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol)
+    result = _verify(original, folded_model, config=config)
     if not result.passed:
         report = Report(verification=result)
         raise VerificationError("verification failed: " + "; ".join(result.failures()), report)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from bnfold import api, render
+from bnfold import batch, render
 from bnfold.errors import BadInputError, BnfoldError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -48,22 +48,6 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
-def _output_path(model: Path, output: str | None, in_place: bool) -> Path:
-    if in_place:
-        if output:
-            raise BadInputError("--in-place and -o/--output exclude each other")
-        return model
-    target = Path(output) if output else model.with_name(model.stem + ".folded.onnx")
-    if target.exists() and model.exists() and target.resolve() == model.resolve():
-        raise BadInputError(f"{target}: output equals the input; pass --in-place to overwrite it")
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise BadInputError(f"{target}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise BadInputError(f"{target}: output folder {folder} is not writable")
-    return target
-
-
 @click.group(cls=_DefaultToFold, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bnfold")
 def main() -> None:
@@ -73,44 +57,156 @@ def main() -> None:
     """
 
 
+def _verification_options(function):
+    """Options shared by `fold` and `check`: how verification feeds and compares the models."""
+    options = [
+        click.option("--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="Shape for an input with dynamic dims."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random verification inputs."),
+        click.option("--iterations", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Random input batches to compare (seeds SEED, SEED+1, ...)."),
+        click.option("--inputs", "inputs_npz", type=click.Path(path_type=Path),
+                     help="Verify on these arrays (.npz, by input name; an extra leading axis holds samples)."),
+        click.option("--atol", type=float, help="Absolute tolerance per output element (default by dtype)."),
+        click.option("--rtol", type=float, help="Relative tolerance per output element (default by dtype)."),
+        click.option("--providers", default="", help="Comma-separated extra onnxruntime providers to verify on."),
+        click.option("--save-inputs", type=click.Path(path_type=Path), help="Write the verification inputs (.npz)."),
+        click.option("--save-outputs", type=click.Path(path_type=Path), help="Write both models' outputs (.npz)."),
+        click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Worker processes for several models."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout."),
+        click.option("--report-md", type=click.Path(path_type=Path), help="Also write a Markdown summary here."),
+        click.option("-q", "--quiet", is_flag=True, help="Print only problems."),
+        click.option("-v", "--verbose", is_flag=True, help="List every op type and every folded node."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _fold_options(verify: bool, input_shape, seed, iterations, inputs_npz, atol, rtol, providers, save_inputs,
+                  save_outputs) -> dict:
+    """Validated keyword arguments for bnfold.fold; BadInputError for malformed values."""
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not value >= 0:
+            raise BadInputError(f"{flag} {value}: must be a non-negative number")
+    options = {"verify": verify, "seed": seed, "input_shapes": parse_input_shapes(input_shape), "atol": atol,
+               "rtol": rtol, "iterations": iterations,
+               "providers": [p.strip() for p in providers.split(",") if p.strip()],
+               "save_inputs": None if save_inputs is None else str(save_inputs),
+               "save_outputs": None if save_outputs is None else str(save_outputs)}
+    if inputs_npz is not None:
+        options["inputs"] = load_npz(inputs_npz)
+    return options
+
+
+def load_npz(path: Path) -> dict:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError) as error:
+        raise BadInputError(f"--inputs {path}: cannot read arrays ({error})") from None
+
+
+def _progress(total: int, quiet: bool):
+    """A progress bar on stderr for long interactive runs; a no-op otherwise."""
+    if quiet or total < 2 or not sys.stderr.isatty():
+        return None
+    return click.progressbar(length=total, label="bnfold", file=sys.stderr)
+
+
+def _run(jobs: list[batch.Job], workers: int, quiet: bool) -> list[batch.JobResult]:
+    bar = _progress(len(jobs), quiet)
+    if bar is None:
+        return batch.run_jobs(jobs, workers)
+    with bar:
+        return batch.run_jobs(jobs, workers, on_done=lambda _: bar.update(1))
+
+
+def _emit(results: list[batch.JobResult], as_json: bool, report_md: Path | None, quiet: bool, verbose: bool,
+          mode: str) -> int:
+    """Print per-model reports (or one JSON object), write Markdown, return the worst exit code."""
+    many = len(results) > 1
+    if report_md is not None:
+        text = "\n".join(render.to_markdown(r.report) if r.report else f"### `{r.model}`\n\n{r.error}\n" for r in results)
+        try:
+            report_md.write_text(text)
+        except OSError as error:
+            click.echo(f"bnfold: error: --report-md {report_md}: {error.strerror or error}", err=True)
+            return EXIT_BAD_INPUT
+    if as_json:
+        click.echo(render.results_to_json(results, mode, many))
+    for result in results:
+        if not as_json and result.report is not None and not (mode == "check" and quiet):
+            text = render.to_text(result.report, quiet=quiet, verbose=verbose) if mode == "fold" else \
+                render.check_text(result)
+            if text:
+                click.echo(text)
+        if mode == "check" and quiet and not as_json and result.findings:
+            click.echo("\n".join(f"{result.model}: {line}" for line in result.findings))
+        if result.error:
+            click.echo(f"bnfold: error: {result.error}", err=True)
+    if many and not as_json and not quiet:
+        click.echo(render.summary_table(results, mode))
+    return batch.worst(r.exit_code for r in results)
+
+
 @main.command("fold")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", help="Output path (default: MODEL.folded.onnx beside the input).")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output path (one model) or folder (several); default MODEL.folded.onnx beside each input.")
 @click.option("--in-place", is_flag=True, help="Replace MODEL, only after the result is complete and verified.")
 @click.option("--no-verify", is_flag=True, help="Skip the checker, analytic and onnxruntime verification.")
-@click.option("--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="Shape for an input with dynamic dims.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random verification inputs.")
-@click.option("--atol", type=float, help="Absolute tolerance per output element (default by dtype).")
-@click.option("--rtol", type=float, help="Relative tolerance per output element (default by dtype).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
-@click.option("--report-md", type=click.Path(path_type=Path), help="Also write a Markdown summary here.")
-@click.option("-q", "--quiet", is_flag=True, help="Print only problems.")
-@click.option("-v", "--verbose", is_flag=True, help="List every op type and every folded node.")
-def fold_command(model: Path, output: str | None, in_place: bool, no_verify: bool, input_shape: tuple[str, ...],
-                 seed: int, atol: float | None, rtol: float | None, as_json: bool, report_md: Path | None,
-                 quiet: bool, verbose: bool) -> None:
-    """Fold MODEL and write the result (nothing is written if verification fails)."""
+@_verification_options
+def fold_command(models: tuple[Path, ...], output: Path | None, in_place: bool, no_verify: bool, jobs: int,
+                 as_json: bool, report_md: Path | None, quiet: bool, verbose: bool, **verification) -> None:
+    """Fold MODEL(s) (files or folders of *.onnx) and write the results; a model whose verification
+    fails is not written."""
     try:
-        shapes = parse_input_shapes(input_shape)
-        for flag, value in (("--atol", atol), ("--rtol", rtol)):
-            if value is not None and not value >= 0:
-                raise BadInputError(f"{flag} {value}: must be a non-negative number")
-        target = _output_path(model, output, in_place)
-        result = api.fold(model, verify=not no_verify, seed=seed, input_shapes=shapes, atol=atol, rtol=rtol,
-                          raise_on_failure=False)
-        if result.report.passed:
-            result.save(target)
+        options = _fold_options(not no_verify, **verification)
+        paths = batch.discover(models)
+        many = len(paths) > 1 or any(m.is_dir() for m in models)
+        if not paths:
+            raise BadInputError(f"no *.onnx files found in {', '.join(map(str, models))}")
+        if in_place and output is not None:
+            raise BadInputError("--in-place and -o/--output exclude each other")
+        targets = batch.output_paths(paths, output, many, in_place)
+        for path, target in zip(paths, targets):
+            if not in_place:
+                _check_target(path, target)
     except BnfoldError as error:
         _fail(str(error), error.exit_code)
-    report = result.report
-    if report_md is not None:
-        report_md.write_text(render.to_markdown(report))
-    if as_json:
-        click.echo(render.to_json(report))
-    else:
-        text = render.to_text(report, quiet=quiet, verbose=verbose)
-        if text:
-            click.echo(text, err=not report.passed and quiet)
-    if not report.passed:
-        click.echo("bnfold: verification failed; nothing written", err=True)
-        sys.exit(EXIT_FAILED)
+    job_list = [batch.Job(path, target, "fold", options) for path, target in zip(paths, targets)]
+    code = _emit(_run(job_list, jobs, quiet), as_json, report_md, quiet, verbose, "fold")
+    if code == EXIT_FAILED and not as_json:
+        click.echo("bnfold: verification failed; nothing written for the failing model(s)", err=True)
+    sys.exit(code)
+
+
+@main.command("check")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--verify", "verify", is_flag=True, help="Also fold in memory and verify the result.")
+@_verification_options
+def check_command(models: tuple[Path, ...], verify: bool, jobs: int, as_json: bool, report_md: Path | None,
+                  quiet: bool, verbose: bool, **verification) -> None:
+    """Write nothing; exit 1 if any MODEL still has a foldable or training-mode BatchNormalization."""
+    try:
+        options = _fold_options(verify, **verification)
+        paths = batch.discover(models, skip_folded=False)
+        if not paths:
+            raise BadInputError(f"no *.onnx files found in {', '.join(map(str, models))}")
+    except BnfoldError as error:
+        _fail(str(error), error.exit_code)
+    job_list = [batch.Job(path, None, "check", options) for path in paths]
+    sys.exit(_emit(_run(job_list, jobs, quiet), as_json, report_md, quiet, verbose, "check"))
+
+
+def _check_target(model: Path, target: Path) -> None:
+    if target.exists() and model.exists() and target.resolve() == model.resolve():
+        raise BadInputError(f"{target}: output equals the input; pass --in-place to overwrite it")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise BadInputError(f"{target}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise BadInputError(f"{target}: output folder {folder} is not writable")

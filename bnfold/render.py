@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bnfold.report import Report
+from bnfold.report import JSON_SCHEMA_VERSION, Report
 
 
 def to_json(report: Report) -> str:
@@ -68,3 +68,48 @@ def to_markdown(report: Report) -> str:
         lines += [f"| {o.name} | {o.max_abs_error:.3g} | {o.max_rel_error:.3g} | {o.rtol:g} | {o.atol:g} | "
                   f"{'ok' if o.passed else 'FAIL'} |" for o in verification.outputs]
     return "\n".join(lines) + "\n"
+
+
+def _result_dict(result) -> dict:
+    data = result.report.to_dict() if result.report is not None else {
+        "schema_version": JSON_SCHEMA_VERSION, "input_path": str(result.model), "passed": False}
+    data["input_path"] = str(result.model)
+    data["exit_code"] = result.exit_code
+    data["error"] = result.error
+    data["findings"] = result.findings
+    return data
+
+
+def results_to_json(results: list, command: str, many: bool) -> str:
+    """One JSON object: a model's report, or for several models {"models": [...]} (schema in README)."""
+    if not many:
+        data = _result_dict(results[0])
+        data["command"] = command
+        return json.dumps(data, indent=2, default=str)
+    data = {"schema_version": JSON_SCHEMA_VERSION, "command": command,
+            "exit_code": max((r.exit_code for r in results), default=0),
+            "models": [_result_dict(r) for r in results]}
+    return json.dumps(data, indent=2, default=str)
+
+
+def check_text(result) -> str:
+    """`bnfold check` for one model: 'clean' or one line per problem."""
+    if not result.findings:
+        return f"{result.model}: ok, nothing to fold"
+    return "\n".join([f"{result.model}: {len(result.findings)} problem(s)"] + [f"  {line}" for line in result.findings])
+
+
+def summary_table(results: list, command: str) -> str:
+    """The table at the end of a run over several models."""
+    lines = [f"{'model':<48}{'BN before':>10}{'BN after':>10}{'exit':>6}  result"]
+    for r in results:
+        before = r.report.ops_before.get("BatchNormalization", 0) if r.report else "-"
+        after = r.report.ops_after.get("BatchNormalization", 0) if r.report else "-"
+        if r.error:
+            outcome = r.error.splitlines()[0]
+        elif command == "check":
+            outcome = "ok" if not r.findings else f"{len(r.findings)} problem(s)"
+        else:
+            outcome = "folded" if r.report and r.report.folded else "nothing to fold"
+        lines.append(f"{str(r.model):<48}{before!s:>10}{after!s:>10}{r.exit_code:>6}  {outcome}")
+    return "\n".join(lines)

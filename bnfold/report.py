@@ -96,6 +96,7 @@ class Verification:
     outputs: list[OutputCheck] = field(default_factory=list)
     runtime_status: str = "not run"  # "passed" | "failed" | "not run: <why>"
     seed: int = 0
+    seeds: list[int] = field(default_factory=list)  # one per random batch; empty for user data
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     @property

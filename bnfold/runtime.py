@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,20 @@ from bnfold.errors import BadInputError
 from bnfold.model_io import PROTOBUF_LIMIT, save_model_atomic
 from bnfold.report import OutputCheck, Verification
 
+# Default output tolerances per element type: (rtol, atol).
+TOLERANCES = {
+    onnx.TensorProto.FLOAT: (1e-4, 1e-5),
+    onnx.TensorProto.DOUBLE: (1e-9, 1e-12),
+    onnx.TensorProto.FLOAT16: (1e-2, 1e-3),
+    onnx.TensorProto.BFLOAT16: (5e-2, 1e-2),
+}
+EXACT = (0.0, 0.0)
 DEFAULT_BATCH = 2
 DEFAULT_DIM = 32
 
 
-def session(model: onnx.ModelProto | str | os.PathLike, folder: str):
-    """An onnxruntime CPU session with every graph optimization switched off."""
+def session(model: onnx.ModelProto | str | os.PathLike, folder: str, provider: str = "CPUExecutionProvider"):
+    """An onnxruntime session with every graph optimization switched off."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -30,8 +39,8 @@ def session(model: onnx.ModelProto | str | os.PathLike, folder: str):
             save_model_atomic(model, path, external_data=True)
             model = str(path)
         else:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+    return ort.InferenceSession(str(model), options, providers=[provider])
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -74,30 +83,62 @@ def random_inputs(
     return feeds, defaulted
 
 
-def compare_outputs(
-    original, folded: onnx.ModelProto, result: Verification, shapes: dict[str, list[int]],
-    atol: float | None, rtol: float | None,
-) -> None:
-    """Fill `result.outputs` and `result.runtime_status`; never reports a pass it did not compute."""
-    from bnfold.verify import default_tolerance
+@dataclass
+class RunConfig:
+    """How verification feeds and runs the models (all optional)."""
 
-    # Folding never changes a graph's inputs or outputs, so the folded model describes both.
-    inputs = graph_inputs(folded)
-    unknown = sorted(set(shapes) - {v.name for v in inputs})
+    seed: int = 0
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    atol: float | None = None
+    rtol: float | None = None
+    inputs: dict[str, np.ndarray] | None = None  # user data; a leading extra axis holds samples
+    iterations: int = 1  # random batches (seeds seed, seed+1, ...)
+    providers: list[str] = field(default_factory=list)  # extra providers to run the folded model on
+    save_inputs: str | None = None
+    save_outputs: str | None = None
+
+
+def feed_sets(inputs: list[onnx.ValueInfoProto], config: RunConfig) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """The input batches to run: the user's arrays (split along a leading sample axis), or
+    `iterations` seeded random batches."""
+    known = {v.name for v in inputs}
+    named = set(config.input_shapes) | set(config.inputs or {})
+    unknown = sorted(named - known)
     if unknown:
-        raise BadInputError(f"--input-shape names unknown input '{unknown[0]}' "
-                            f"(inputs: {', '.join(v.name for v in inputs) or 'none'})")
-    feeds, defaulted = random_inputs(inputs, shapes, result.seed)
-    result.input_shapes = {name: list(array.shape) for name, array in feeds.items()}
+        raise BadInputError(f"unknown input '{unknown[0]}' (model inputs: {', '.join(sorted(known)) or 'none'})")
+    if config.inputs is None:
+        batches = [random_inputs(inputs, config.input_shapes, config.seed + i) for i in range(config.iterations)]
+        return [feeds for feeds, _ in batches], batches[0][1] if batches else {}
+    missing = sorted(known - set(config.inputs))
+    if missing:
+        raise BadInputError(f"--inputs has no array for input '{missing[0]}'")
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inputs}
+    samples = {name: (list(array) if array.ndim == ranks[name] + 1 else [array])
+               for name, array in config.inputs.items() if name in known}
+    count = min(len(v) for v in samples.values()) if samples else 1
+    return [{name: np.asarray(v[i]) for name, v in samples.items()} for i in range(count)], {}
+
+
+def compare_outputs(original, folded: onnx.ModelProto, result: Verification, config: RunConfig) -> None:
+    """Fill `result.outputs` and `result.runtime_status`; never reports a pass it did not compute."""
+    # Folding never changes a graph's inputs or outputs, so the folded model describes both.
+    batches, defaulted = feed_sets(graph_inputs(folded), config)
+    result.input_shapes = {name: list(array.shape) for name, array in batches[0].items()} if batches else {}
+    result.seeds = [config.seed + i for i in range(len(batches))] if config.inputs is None else []
     output_types = {o.name: o.type.tensor_type.elem_type for o in folded.graph.output}
+    unavailable = _unavailable(config.providers)
+    if unavailable:
+        raise BadInputError(f"execution provider {unavailable} is not available in this onnxruntime "
+                            f"(available: {', '.join(_available())})")
     with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
         try:
             reference_session = session(original, folder)
         except Exception as error:  # noqa: BLE001 - whatever onnxruntime raises, say so and fail
             result.runtime_status = f"not run: onnxruntime cannot load the original model: {_line(error)}"
             return
+        names = [o.name for o in reference_session.get_outputs()]
         try:
-            reference = reference_session.run(None, feeds)
+            references = [reference_session.run(None, feeds) for feeds in batches]
         except Exception as error:  # noqa: BLE001
             if defaulted:
                 name, dims = next(iter(defaulted.items()))
@@ -107,19 +148,57 @@ def compare_outputs(
                 ) from None
             result.runtime_status = f"not run: onnxruntime cannot run the original model: {_line(error)}"
             return
-        names = [o.name for o in reference_session.get_outputs()]
         del reference_session
-        try:
-            candidate = session(folded, folder).run(names, feeds)
-        except Exception as error:  # noqa: BLE001
-            result.runtime_status = f"failed: onnxruntime cannot run the folded model: {_line(error)}"
-            return
-    for name, ref, got in zip(names, reference, candidate):
-        default_rtol, default_atol = default_tolerance(output_types.get(name, 0))
-        result.outputs.append(compare_arrays(name, np.asarray(ref), np.asarray(got),
-                                             default_atol if atol is None else atol,
-                                             default_rtol if rtol is None else rtol))
+        candidates: dict[str, list] = {}
+        for provider in ["CPUExecutionProvider", *config.providers]:
+            try:
+                candidate_session = session(folded, folder, provider)
+                candidates[provider] = [candidate_session.run(names, feeds) for feeds in batches]
+            except Exception as error:  # noqa: BLE001
+                result.runtime_status = f"failed: onnxruntime ({provider}) cannot run the folded model: {_line(error)}"
+                return
+    for provider, runs in candidates.items():
+        suffix = "" if provider == "CPUExecutionProvider" else f"@{provider}"
+        for position, name in enumerate(names):
+            default_rtol, default_atol = default_tolerance(output_types.get(name, 0))
+            atol = default_atol if config.atol is None else config.atol
+            rtol = default_rtol if config.rtol is None else config.rtol
+            checks = [compare_arrays(name + suffix, np.asarray(ref[position]), np.asarray(got[position]), atol, rtol)
+                      for ref, got in zip(references, runs)]
+            result.outputs.append(merge_checks(checks))
     result.runtime_status = "passed" if all(o.passed for o in result.outputs) else "failed"
+    _save_arrays(config, batches, names, references, candidates["CPUExecutionProvider"])
+
+
+def merge_checks(checks: list[OutputCheck]) -> OutputCheck:
+    """One check summarising the same output over several input batches (worst case)."""
+    first = checks[0]
+    return OutputCheck(first.name, max(c.max_abs_error for c in checks), max(c.max_rel_error for c in checks),
+                       first.atol, first.rtol, sum(c.mismatches for c in checks), sum(c.elements for c in checks),
+                       all(c.passed for c in checks))
+
+
+def _save_arrays(config: RunConfig, batches, names, references, candidates) -> None:
+    """--save-inputs / --save-outputs: npz files that reproduce a failure (samples stacked on axis 0)."""
+    try:
+        if config.save_inputs:
+            np.savez(config.save_inputs, **{k: np.stack([b[k] for b in batches]) for k in batches[0]})
+        if config.save_outputs:
+            arrays = {f"reference/{n}": np.stack([r[i] for r in references]) for i, n in enumerate(names)}
+            arrays.update({f"folded/{n}": np.stack([c[i] for c in candidates]) for i, n in enumerate(names)})
+            np.savez(config.save_outputs, **arrays)
+    except OSError as error:
+        raise BadInputError(f"cannot write arrays: {error}") from None
+
+
+def _available() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def _unavailable(providers: list[str]) -> str | None:
+    return next((p for p in providers if p not in _available()), None)
 
 
 def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> OutputCheck:
@@ -141,6 +220,11 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol
     scale = float(np.abs(ref[finite]).max(initial=0.0))
     max_rel = max_abs / scale if scale > 0 else max_abs
     return OutputCheck(name, max_abs, max_rel, atol, rtol, mismatches, int(ref.size), mismatches == 0)
+
+
+def default_tolerance(elem_type: int) -> tuple[float, float]:
+    """(rtol, atol) for an output of this element type; integers and bools compare exactly."""
+    return TOLERANCES.get(elem_type, EXACT)
 
 
 def _line(error: BaseException) -> str:

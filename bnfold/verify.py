@@ -26,16 +26,9 @@ from bnfold.graph import scoped_subgraphs
 from bnfold.model_io import PROTOBUF_LIMIT, save_model_atomic
 from bnfold.report import TensorCheck, Verification
 from bnfold.rewrite import Provenance
+from bnfold.runtime import RunConfig, compare_outputs
 from bnfold.rules.layers import fold_parameters, match_layer
 
-# Default output tolerances per element type: (rtol, atol).
-TOLERANCES = {
-    onnx.TensorProto.FLOAT: (1e-4, 1e-5),
-    onnx.TensorProto.DOUBLE: (1e-9, 1e-12),
-    onnx.TensorProto.FLOAT16: (1e-2, 1e-3),
-    onnx.TensorProto.BFLOAT16: (5e-2, 1e-2),
-}
-EXACT = (0.0, 0.0)
 # float64 slack of the recomputation itself, relative to the magnitude of the values involved.
 RECOMPUTE_SLACK = 1e-12
 
@@ -47,20 +40,16 @@ def verify(
     folded: onnx.ModelProto,
     *,
     provenance: Sequence[Provenance] = (),
-    seed: int = 0,
-    input_shapes: dict[str, list[int]] | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
+    config: RunConfig | None = None,
     run_onnxruntime: bool = True,
 ) -> Verification:
     """Check `folded` against `original`; the result's `.passed` says whether every check passed."""
-    result = Verification(seed=seed)
+    config = config or RunConfig()
+    result = Verification(seed=config.seed)
     result.checker_passed, result.checker_message = _check_model(folded, original)
     result.tensors = analytic_checks(folded, provenance)
     if run_onnxruntime:
-        from bnfold.runtime import compare_outputs
-
-        compare_outputs(original, folded, result, input_shapes or {}, atol, rtol)
+        compare_outputs(original, folded, result, config)
     else:
         result.runtime_status = "not run: switched off"
     return result
@@ -210,8 +199,4 @@ def _initializers_by_scope(model: onnx.ModelProto) -> dict[tuple[str, str], onnx
 
     visit(model.graph, "main")
     return found
-
-
-def default_tolerance(elem_type: int) -> tuple[float, float]:
-    return TOLERANCES.get(elem_type, EXACT)
 

@@ -1,0 +1,119 @@
+"""Many models at once: discovery, one independent job per model, optional worker processes.
+
+A model that fails (bad input, failed verification, even an unexpected crash) yields its own exit
+code and message; it never stops the others. The overall exit code is the worst one.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from bnfold.errors import BadInputError, BnfoldError
+from bnfold.report import Report
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+@dataclass
+class Job:
+    """One model to fold (output set) or check (output None)."""
+
+    model: Path
+    output: Path | None
+    mode: str = "fold"  # "fold" | "check"
+    options: dict = field(default_factory=dict)  # keyword arguments of bnfold.fold / bnfold.check
+
+
+@dataclass
+class JobResult:
+    model: Path
+    exit_code: int
+    report: Report | None = None
+    error: str | None = None
+    findings: list[str] = field(default_factory=list)  # check mode: one line per problem
+
+
+def discover(paths: Iterable[Path], skip_folded: bool = True) -> list[Path]:
+    """Files as given; folders searched recursively for *.onnx (bnfold's own *.folded.onnx outputs
+    skipped when folding, so a second run does not fold its previous results)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*.onnx")
+                            if p.is_file() and not (skip_folded and p.name.endswith(".folded.onnx")))
+        else:
+            found.append(path)
+    return found
+
+
+def run_job(job: Job) -> JobResult:
+    """Process one model; every failure becomes an exit code, never an exception."""
+    from bnfold import api
+
+    try:
+        if job.mode == "check":
+            checked = api.check(job.model, **job.options)
+            findings = [f"{r.node}: foldable BatchNormalization ({r.direction} into {', '.join(r.into)})"
+                        for r in checked.foldable]
+            findings += [f"{r.node}: BatchNormalization in training mode" for r in checked.training]
+            if not checked.report.passed:
+                findings += [f"verification: {line}" for line in checked.report.verification.failures()]
+            return JobResult(job.model, EXIT_OK if checked.clean else EXIT_FAILED, checked.report, None, findings)
+        result = api.fold(job.model, raise_on_failure=False, **job.options)
+        if not result.report.passed:
+            return JobResult(job.model, EXIT_FAILED, result.report, "verification failed; nothing written")
+        result.save(job.output)
+        return JobResult(job.model, EXIT_OK, result.report)
+    except BnfoldError as error:
+        return JobResult(job.model, error.exit_code, getattr(error, "report", None), str(error))
+    except MemoryError:
+        return JobResult(job.model, EXIT_BAD_INPUT, None, f"{job.model}: out of memory")
+    except Exception as error:  # noqa: BLE001 - one broken model must not stop the batch
+        return JobResult(job.model, EXIT_BAD_INPUT, None, f"{job.model}: unexpected error: {type(error).__name__}: {error}")
+
+
+def run_jobs(jobs: list[Job], workers: int = 1, on_done: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+    """Results in job order; with `workers` > 1 the jobs run in separate processes."""
+    if workers <= 1 or len(jobs) <= 1:
+        results = []
+        for job in jobs:
+            results.append(run_job(job))
+            if on_done:
+                on_done(results[-1])
+        return results
+    by_job: dict[int, JobResult] = {}
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs), os.cpu_count() or 1)) as pool:
+        futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            position = futures[future]
+            try:
+                by_job[position] = future.result()
+            except Exception as error:  # noqa: BLE001 - a worker killed by the OS, say
+                by_job[position] = JobResult(jobs[position].model, EXIT_BAD_INPUT, None,
+                                             f"{jobs[position].model}: worker failed: {error}")
+            if on_done:
+                on_done(by_job[position])
+    return [by_job[i] for i in range(len(jobs))]
+
+
+def output_paths(models: list[Path], output: Path | None, many: bool, in_place: bool) -> list[Path]:
+    """Where each model's result goes: beside it, at -o (one model), or inside the -o folder."""
+    if in_place:
+        return list(models)
+    if not many:
+        return [output or models[0].with_name(models[0].stem + ".folded.onnx")]
+    if output is None:
+        return [m.with_name(m.stem + ".folded.onnx") for m in models]
+    output.mkdir(parents=True, exist_ok=True)
+    names = [m.stem + ".onnx" for m in models]
+    if len(set(names)) != len(names):
+        raise BadInputError(f"-o {output}: several inputs share a file name; fold them into separate folders")
+    return [output / name for name in names]
+
+
+def worst(codes: Iterable[int]) -> int:
+    return max(codes, default=EXIT_OK)
