@@ -4,19 +4,20 @@ Each measured step runs as its own child (`sys.executable -c CODE` or
 `-m bnfold`) so its peak RSS is not polluted by the harness or by earlier
 steps. Peak RSS comes from os.wait4's rusage (ru_maxrss, KiB on Linux), which
 covers the child and any descendants it waited for; wall time is taken
-around Popen..wait4 in the parent, so interpreter start-up and imports count,
-exactly as a user running the CLI would pay them.
+around Popen..wait4, so interpreter start-up and imports count, exactly as a
+user running the CLI would pay them. See LAUNCHER for why there is one
+small process in between.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -59,43 +60,67 @@ def _last_line(text: str) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
+# Why a launcher: on Linux a child's ru_maxrss starts at the RSS high-water
+# mark of the process that spawned it (exec records the pre-exec mm's peak,
+# and with vfork/posix_spawn that mm is the parent's). The harness itself
+# may have held a 300 MB model, so children it spawns directly would all
+# report >= that. A bare `python -I -S` launcher (~10 MB) spawns the measured
+# command instead; its children start from ~10 MB, below anything we measure.
+# The launcher times Popen..wait4 itself and enforces the timeout, so its own
+# start-up is not counted.
+LAUNCHER = r"""
+import json, os, signal, subprocess, sys, time
+result, timeout, cmd = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+timed_out = []
+t0 = time.perf_counter()
+p = subprocess.Popen(cmd)
+def on_alarm(signum, frame):
+    timed_out.append(1)
+    p.kill()
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, timeout)
+_, status, ru = os.wait4(p.pid, 0)
+wall = time.perf_counter() - t0
+signal.setitimer(signal.ITIMER_REAL, 0)
+p.returncode = os.waitstatus_to_exitcode(status)
+with open(result, "w") as fh:
+    json.dump({"wall_s": wall, "maxrss_kib": ru.ru_maxrss, "rc": p.returncode,
+               "timeout": bool(timed_out)}, fh)
+"""
+
+
 def run_child(argv: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S,
               env: dict[str, str] | None = None) -> Run:
-    """Run argv to completion and return wall time + peak RSS from wait4.
+    """Run argv to completion (via LAUNCHER) and return wall time + peak RSS from wait4.
 
     Output goes to temp files rather than pipes: with pipes a chatty child
-    would block once the pipe buffer fills, because the parent is sitting in
-    wait4 and not reading.
+    would block once the pipe buffer fills while nobody reads it.
     """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-        reaped: dict[str, object] = {}
-
-        def reap() -> None:
-            # Blocking wait4 in a thread gives an exact end time and lets the
-            # main thread enforce the timeout with join().
-            reaped["r"] = os.wait4(proc.pid, 0)
-            reaped["t"] = time.perf_counter()
-
-        th = threading.Thread(target=reap, daemon=True)
-        th.start()
-        th.join(timeout_s)
-        timed_out = th.is_alive()
-        if timed_out:
-            proc.kill()  # only this child, by its own pid
-            th.join()
-        _, status, ru = reaped["r"]  # type: ignore[misc]
-        proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits again
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "out", "w+b") as out, \
+            open(Path(tmp) / "err", "w+b") as err:
+        result = Path(tmp) / "result.json"
+        # Own session so that, if even the launcher hangs, killpg reaches the
+        # measured command too and nothing is left running.
+        launcher = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", LAUNCHER, str(result), str(timeout_s), *argv],
+            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            launcher.wait(timeout_s + 60)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
-    if timed_out:
+        info = json.loads(result.read_text()) if result.exists() else None
+    if info is None:
+        return Run(error=f"failed: launcher: {_last_line(stderr)}", stdout=stdout)
+    if info["timeout"]:
         return Run(error="timeout", stdout=stdout)
-    if proc.returncode != 0:
+    if info["rc"] != 0:
         return Run(error=f"failed: {_last_line(stderr or stdout)}", stdout=stdout)
-    return Run(wall_s=float(reaped["t"]) - t0, maxrss_kib=int(ru.ru_maxrss), stdout=stdout)  # type: ignore[arg-type]
+    return Run(wall_s=info["wall_s"], maxrss_kib=int(info["maxrss_kib"]), stdout=stdout)
 
 
 def summarize(runs: list[Run]) -> Summary:

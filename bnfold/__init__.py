@@ -4,6 +4,16 @@ from bnfold.api import CheckResult, FoldResult, check, fold, verify
 from bnfold.errors import BadInputError, BnfoldError, VerificationError
 from bnfold.report import Reason, Report
 
-__all__ = ["fold", "verify", "check", "FoldResult", "CheckResult", "Report", "Reason",
-           "BnfoldError", "BadInputError", "VerificationError"]
+__all__ = [
+           "BadInputError",
+           "BnfoldError",
+           "CheckResult",
+           "FoldResult",
+           "Reason",
+           "Report",
+           "VerificationError",
+           "check",
+           "fold",
+           "verify",
+]
 __version__ = "0.1.0"

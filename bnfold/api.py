@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
 
 from bnfold.errors import BadInputError, VerificationError
-from bnfold.model_io import check_supported, load_model, save_model_atomic
+from bnfold.model_io import check_structure, check_supported, load_model, save_model_atomic
 from bnfold.report import Reason, Report, Verification, op_counts
 from bnfold.rewrite import fold_model
 from bnfold.runtime import RunConfig
@@ -41,10 +41,7 @@ def _open(model: ModelSource) -> tuple[onnx.ModelProto, ModelSource, Path | None
     """A model bnfold may edit, the untouched original for verification, its path, its data files."""
     if isinstance(model, onnx.ModelProto):
         check_supported(model, "model")
-        try:
-            onnx.checker.check_model(model)
-        except (onnx.checker.ValidationError, ValueError) as error:
-            raise BadInputError(f"model: invalid model: {str(error).strip().splitlines()[0]}") from None
+        check_structure(model, "model")
         working = onnx.ModelProto()
         working.CopyFrom(model)
         return working, model, None, set()

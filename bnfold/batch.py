@@ -7,10 +7,10 @@ code and message; it never stops the others. The overall exit code is the worst 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from bnfold.errors import BadInputError, BnfoldError
 from bnfold.report import Report

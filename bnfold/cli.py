@@ -37,7 +37,7 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
             parsed = [int(d) for d in dims.split(",")] if dims else []
         except ValueError:
             parsed = None
-        if not name or parsed is None or any(d <= 0 for d in parsed):
+        if not name or not parsed or any(d <= 0 for d in parsed):
             raise BadInputError(f"--input-shape '{value}': expected NAME:D0,D1,... with positive integers")
         shapes[name] = parsed
     return shapes

@@ -29,6 +29,6 @@ class VerificationError(BnfoldError):
 
     exit_code = 1
 
-    def __init__(self, message: str, report: "Report") -> None:
+    def __init__(self, message: str, report: Report) -> None:
         super().__init__(message)
         self.report = report

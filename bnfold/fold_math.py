@@ -52,11 +52,11 @@ class ChannelAffine:
     def channels(self) -> int:
         return int(self.scale.shape[0])
 
-    def then(self, after: "ChannelAffine") -> "ChannelAffine":
+    def then(self, after: ChannelAffine) -> ChannelAffine:
         """The map `after(self(x))`; scalar maps broadcast against per-channel ones."""
         return ChannelAffine(self.scale * after.scale, self.shift * after.scale + after.shift)
 
-    def expanded(self, channels: int) -> "ChannelAffine":
+    def expanded(self, channels: int) -> ChannelAffine:
         """Broadcast a scalar map to `channels` channels (a per-channel map is returned as is)."""
         if self.channels == channels:
             return self
@@ -215,7 +215,9 @@ def round_to_dtype(values: FloatArray, dtype: np.dtype) -> np.ndarray:
     if dtype.name != "bfloat16":
         with np.errstate(over="ignore"):
             return values.astype(dtype)
-    mantissa, exponent = np.frexp(values)  # values = mantissa * 2**exponent, 0.5 <= |m| < 1
-    rounded = np.ldexp(np.round(mantissa * 256.0) / 256.0, exponent)
+    _, exponent = np.frexp(values)  # values = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    # 8 significant bits for normals; below 2**-126 the spacing stays fixed at 2**-133 (subnormals).
+    exponent = np.maximum(exponent, -125)
+    rounded = np.ldexp(np.round(np.ldexp(values, 8 - exponent)), exponent - 8)
     with np.errstate(over="ignore"):
         return rounded.astype(np.float32).astype(dtype)

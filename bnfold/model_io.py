@@ -16,9 +16,12 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from bnfold.errors import BadInputError
+from bnfold.serialize import estimated_size, write_model
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
 PROTOBUF_LIMIT = 2**31 - 1
+# Weights above this (leaving room for the graph itself) cannot be serialised in one protobuf.
+EXTERNAL_ABOVE_BYTES = PROTOBUF_LIMIT - 2**26
 # Tensors at least this large go to the data file when a model is saved with external data.
 EXTERNAL_THRESHOLD_BYTES = 1024
 EXTERNAL_ALIGNMENT = 4096
@@ -69,10 +72,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         except (OSError, ValueError) as error:
             raise BadInputError(f"{path}: cannot read external data ({_first_line(error)})") from None
     check_supported(model, str(path))
-    try:  # by path: onnx's C++ reads the file itself, so no serialised copy of the weights is made
-        onnx.checker.check_model(str(path))
-    except (onnx.checker.ValidationError, ValueError, OSError) as error:
-        raise BadInputError(f"{path}: invalid model: {_first_line(error)}") from None
+    check_structure(model, str(path))
     return LoadedModel(model, path, external)
 
 
@@ -85,6 +85,18 @@ def check_supported(model: onnx.ModelProto, label: str) -> None:
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version > newest:
             raise BadInputError(f"{label}: opset {opset.version} is newer than this onnx supports ({newest})")
+
+
+def check_structure(model: onnx.ModelProto, label: str) -> None:
+    """onnx.checker on the model's skeleton: every node, attribute, name and small tensor is checked,
+    while big weights are replaced by empty stand-ins — the checker would otherwise serialise a
+    full copy of them (seconds and gigabytes on large models) to learn nothing about the graph."""
+    from bnfold.shapes import skeleton
+
+    try:
+        onnx.checker.check_model(skeleton(model, empty_stubs=True))
+    except (onnx.checker.ValidationError, ValueError) as error:
+        raise BadInputError(f"{label}: invalid model: {_first_line(error)}") from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -114,7 +126,7 @@ def save_model_atomic(
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise BadInputError(f"{path}: output folder {folder} does not exist")
-    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
+    external_data = external_data or estimated_size(model) > EXTERNAL_ABOVE_BYTES
     data_path = path.with_name(path.name + ".data") if external_data else None
     if data_path is not None and protected and data_path.resolve() in protected:
         data_path = path.with_name(path.name + ".folded.data")
@@ -124,7 +136,10 @@ def save_model_atomic(
         fd, temp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         temp_files.append(temp_model)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(serialized_model)
+            if serialized_model is None:
+                write_model(model, handle)
+            else:
+                handle.write(serialized_model)
             handle.flush()
             os.fsync(handle.fileno())
         if data_path is not None:
@@ -133,6 +148,8 @@ def save_model_atomic(
         _fsync_dir(folder)
     except OSError as error:
         raise BadInputError(f"{path}: cannot write ({error.strerror or error})") from None
+    except ValueError as error:  # a tensor whose data does not match its dims
+        raise BadInputError(f"{path}: cannot write: {error}") from None
     finally:
         for name in temp_files:
             if os.path.exists(name):
@@ -140,14 +157,15 @@ def save_model_atomic(
     return path
 
 
-def _serialize(model: onnx.ModelProto, data_path: Path | None, folder: Path, temp_files: list[str]) -> bytes:
-    """The model's bytes; with a data path, big tensors are streamed to a temporary data file and
-    referenced from the serialized model without altering `model` itself."""
+def _serialize(model: onnx.ModelProto, data_path: Path | None, folder: Path, temp_files: list[str]) -> bytes | None:
+    """With a data path: the model's bytes, big tensors streamed to a temporary data file and
+    referenced from the serialized model without altering `model` itself. Without: None (the
+    model is streamed straight to its file by `write_model`)."""
     if data_path is None:
-        return model.SerializeToString()
+        return None
     fd, temp_data = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=folder)
     temp_files.append(temp_data)
-    moved: list[tuple[onnx.TensorProto, int, int]] = []
+    moved: list[tuple[onnx.TensorProto, int, int, bool]] = []
     try:
         with os.fdopen(fd, "wb") as handle:
             for tensor in external_data_helper._get_all_tensors(model):
@@ -157,7 +175,7 @@ def _serialize(model: onnx.ModelProto, data_path: Path | None, folder: Path, tem
                 handle.seek(offset)
                 raw = tensor.raw_data
                 handle.write(raw)
-                moved.append((tensor, offset, len(raw)))
+                moved.append((tensor, offset, len(raw), tensor.HasField("data_location")))
                 tensor.ClearField("raw_data")
                 tensor.data_location = onnx.TensorProto.EXTERNAL
                 for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
@@ -171,10 +189,13 @@ def _serialize(model: onnx.ModelProto, data_path: Path | None, folder: Path, tem
         # Put the weights back, one tensor at a time from the file just written, so the caller's
         # model stays usable without ever holding a second copy of all weights.
         with open(temp_data, "rb") as handle:
-            for tensor, offset, length in moved:
+            for tensor, offset, length, had_location in moved:
                 handle.seek(offset)
                 tensor.ClearField("external_data")
-                tensor.data_location = onnx.TensorProto.DEFAULT
+                if had_location:
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                else:
+                    tensor.ClearField("data_location")
                 tensor.raw_data = handle.read(length)
 
 

@@ -62,8 +62,9 @@ def to_markdown(report: Report) -> str:
     lines += [f"| {r.node} | skipped: `{r.reason.value}` | {r.detail} |" for r in report.skipped]
     verification = report.verification
     if verification is not None:
-        lines += ["", f"Verification: **{'passed' if verification.passed else 'FAILED'}** "
-                  f"(onnxruntime {verification.runtime_status}, seed {verification.seed})", "",
+        verdict = "passed" if verification.passed else "FAILED"
+        lines += ["", f"Verification: **{verdict}** (onnxruntime {verification.runtime_status}, "
+                  f"seed {verification.seed})", "",
                   "| output | max abs | max rel | rtol | atol | result |", "|---|---:|---:|---:|---:|---|"]
         lines += [f"| {o.name} | {o.max_abs_error:.3g} | {o.max_rel_error:.3g} | {o.rtol:g} | {o.atol:g} | "
                   f"{'ok' if o.passed else 'FAIL'} |" for o in verification.outputs]
@@ -111,5 +112,5 @@ def summary_table(results: list, command: str) -> str:
             outcome = "ok" if not r.findings else f"{len(r.findings)} problem(s)"
         else:
             outcome = "folded" if r.report and r.report.folded else "nothing to fold"
-        lines.append(f"{str(r.model):<48}{before!s:>10}{after!s:>10}{r.exit_code:>6}  {outcome}")
+        lines.append(f"{r.model!s:<48}{before!s:>10}{after!s:>10}{r.exit_code:>6}  {outcome}")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold import fold_math
-from bnfold.graph import CONSTANT_FOLDABLE_OPS, GraphIndex, names_used_inside, scoped_subgraphs, subgraphs_of
+from bnfold.graph import CONSTANT_FOLDABLE_OPS, GraphIndex, scoped_subgraphs, subgraphs_of
 from bnfold.report import FoldedRecord, SkippedRecord
 from bnfold.rules.affine_ops import AffineOp
 from bnfold.rules.chains import LayerPlan, MergePlan, compose, plan_pass
@@ -93,11 +93,18 @@ class _Folder:
         self.opset = opset
         self.keep_provenance = keep_provenance
         self.names = NameRegistry(model)
-        self.value_infos = infer_value_infos(model)
+        self._value_infos: dict[str, dict] | None = None
         self.outcome = FoldOutcome()
 
+    @property
+    def value_infos(self) -> dict[str, dict]:
+        """Shapes of every scope, inferred once, when a rule first asks for one."""
+        if self._value_infos is None:
+            self._value_infos = infer_value_infos(self.model)
+        return self._value_infos
+
     def fold_graph(self, graph: onnx.GraphProto, scope: str, outer: GraphIndex | None) -> None:
-        infos = self.value_infos.get(scope)
+        infos = lambda: self.value_infos.get(scope, {})
 
         def build_index() -> GraphIndex:
             return GraphIndex(graph, self.model.ir_version, self.opset, infos, outer, is_main_graph=outer is None)
@@ -133,11 +140,19 @@ class _Folder:
             self.outcome.folded.extend(_record(op, into, "forward", scope) for op in chain)
         for merge in merges:
             self._merge_chain(graph, index, merge, scope, replaced, removed, maybe_dead)
+        dead_names = _dead_values(index, replaced, removed, maybe_dead)
         for position, node in replaced.items():
             graph.node[position].CopyFrom(node)
         for position in sorted(removed, reverse=True):
             del graph.node[position]
-        _drop_dead_values(graph, maybe_dead)
+        if dead_names:
+            doomed = [i for i, t in enumerate(graph.initializer) if t.name in dead_names]
+            for position in reversed(doomed):
+                del graph.initializer[position]
+            # IR < 4 lists every initializer as a graph input too: drop the listing with the value.
+            listed = [i for i, v in enumerate(graph.input) if v.name in dead_names]
+            for position in reversed(listed):
+                del graph.input[position]
 
     def _fold_layer(self, graph, index, plan: LayerPlan, scope, replaced, removed, maybe_dead) -> None:
         layer = plan.layer
@@ -163,7 +178,7 @@ class _Folder:
             if name in index.initializers:
                 index.initializers[name].CopyFrom(tensor)
             else:
-                graph.initializer.append(tensor)
+                self._add_initializer(graph, index, tensor)
         maybe_dead.update(i for i in layer.node.input[1:] if i and i not in tensors)
         for op in plan.pre + plan.post:
             maybe_dead.update(op.node.input[1:] if op.node.op_type == "BatchNormalization" else op.node.input)
@@ -188,7 +203,7 @@ class _Folder:
         names = [self.names.fresh(f"{base}_bnfold_{role}") for role in ("scale", "bias", "mean", "var")]
         values = [affine.scale, affine.shift, np.zeros_like(affine.scale), np.ones_like(affine.scale)]
         for name, value in zip(names, values):
-            graph.initializer.append(numpy_helper.from_array(fold_math.round_to_dtype(value, dtype), name))
+            self._add_initializer(graph, index, numpy_helper.from_array(fold_math.round_to_dtype(value, dtype), name))
         # mean 0, var 1, epsilon 0: the BN computes exactly x * scale + bias.
         merged = onnx.helper.make_node("BatchNormalization", [chain[0].data_input, *names], [chain[-1].output],
                                        name=first_bn.node.name, epsilon=0.0)
@@ -200,6 +215,12 @@ class _Folder:
         for op in chain:
             if op is not first_bn:
                 self.outcome.folded.append(_record(op, [first_bn.node.name or chain[-1].output], "merged", scope))
+
+    def _add_initializer(self, graph: onnx.GraphProto, index: GraphIndex, tensor: onnx.TensorProto) -> None:
+        graph.initializer.append(tensor)
+        if index.ir_version < 4 and index.outer is None:
+            # IR < 4 requires every initializer of the main graph to be listed as an input too.
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
 
     def _provenance(self, index: GraphIndex, plan: LayerPlan, scope: str) -> Provenance:
         layer = plan.layer
@@ -234,42 +255,40 @@ def _record(op: AffineOp, into: list[str], direction: str, scope: str) -> Folded
     return FoldedRecord(op.node.name or op.output, op.node.op_type, op.output, into, direction, scope)
 
 
-def _drop_dead_values(graph: onnx.GraphProto, candidates: set[str]) -> None:
-    """Remove initializers and constant-producing nodes whose values nobody reads any more."""
-    if not candidates:
-        return
-    uses: Counter[str] = Counter(output.name for output in graph.output)
-    producers: dict[str, int] = {}
-    for position, node in enumerate(graph.node):
-        uses.update(name for name in node.input if name)
-        for body in subgraphs_of(node):
-            uses.update(names_used_inside(body))
-        producers.update((output, position) for output in node.output)
-    dead_names: set[str] = set()
-    dead_nodes: set[int] = set()
-    pending = [name for name in candidates if uses[name] == 0]
+def _dead_values(index: GraphIndex, replaced: dict[int, onnx.NodeProto], removed: set[int],
+                 candidates: set[str]) -> set[str]:
+    """Initializer names nobody will read after this pass; constant-producing nodes that become
+    unread are added to `removed`. Counts come from the index plus this pass's edits: O(edits)."""
+    delta: Counter[str] = Counter()
+    for position in removed:
+        delta.subtract(name for name in index.nodes[position].input if name)
+    for position, node in replaced.items():
+        if position not in removed:
+            delta.subtract(name for name in index.nodes[position].input if name)
+        delta.update(name for name in node.input if name)
+
+    def readers(name: str) -> int:
+        return index.consumer_count(name) + delta[name]
+
+    dead: set[str] = set()
+    pending = [name for name in candidates if readers(name) <= 0]
     while pending:
         name = pending.pop()
-        if name in dead_names:
+        if name in dead:
             continue
-        dead_names.add(name)
-        position = producers.get(name)
-        if position is None or position in dead_nodes:
+        dead.add(name)
+        position = index.producer.get(name)
+        if position is None or position in removed or position in replaced:
             continue
-        node = graph.node[position]
+        node = index.nodes[position]
         if node.op_type != "Constant" and node.op_type not in CONSTANT_FOLDABLE_OPS:
             continue
-        if any(uses[output] for output in node.output if output):
+        if any(readers(output) > 0 for output in node.output if output and output not in dead):
             continue
-        dead_nodes.add(position)
-        for name_in in node.input:
-            if name_in:
-                uses[name_in] -= 1
-                if uses[name_in] == 0:
-                    pending.append(name_in)
-    for position in sorted(dead_nodes, reverse=True):
-        del graph.node[position]
-    inputs = {value.name for value in graph.input}
-    doomed = [i for i, t in enumerate(graph.initializer) if t.name in dead_names and t.name not in inputs]
-    for position in reversed(doomed):
-        del graph.initializer[position]
+        removed.add(position)
+        for input_name in node.input:
+            if input_name:
+                delta[input_name] -= 1
+                if readers(input_name) <= 0:
+                    pending.append(input_name)
+    return {name for name in dead if name in index.initializers and name not in index.overridable}

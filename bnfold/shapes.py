@@ -11,37 +11,30 @@ from __future__ import annotations
 import onnx
 
 from bnfold.graph import ValueInfo, scoped_subgraphs, value_infos_of
+from bnfold.serialize import copy_without
 
 # Initializers up to this many elements keep their data: shape inference reads values of small
 # integer tensors (Reshape shapes, Slice bounds); weights never influence shapes.
 SMALL_TENSOR_ELEMENTS = 4096
 
 
-def skeleton(model: onnx.ModelProto, keep_data: bool = True) -> onnx.ModelProto:
-    """The model without its weights: big (or, without `keep_data`, all) initializers become stubs
-    that keep name, type and dims."""
-    skeleton = onnx.ModelProto()
-    skeleton.ir_version = model.ir_version
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
+def skeleton(model: onnx.ModelProto, empty_stubs: bool = False) -> onnx.ModelProto:
+    """The model without its big weights. A stub keeps name and type, and its dims (for shape
+    inference) or, with `empty_stubs`, dims [0] and no data (a valid empty tensor for the checker)."""
+    skeleton = copy_without(model, "graph")
     graph = skeleton.graph
-    source = model.graph
-    graph.name = source.name
-    graph.node.extend(source.node)
-    graph.input.extend(source.input)
-    graph.output.extend(source.output)
-    graph.value_info.extend(source.value_info)
-    for tensor in source.initializer:
+    graph.CopyFrom(copy_without(model.graph, "initializer"))
+    for tensor in model.graph.initializer:
         elements = 1
         for dim in tensor.dims:
             elements *= dim
-        if keep_data and elements <= SMALL_TENSOR_ELEMENTS and tensor.data_location != onnx.TensorProto.EXTERNAL:
+        if elements <= SMALL_TENSOR_ELEMENTS and tensor.data_location != onnx.TensorProto.EXTERNAL:
             graph.initializer.append(tensor)
         else:
             stub = graph.initializer.add()
             stub.name = tensor.name
             stub.data_type = tensor.data_type
-            stub.dims.extend(tensor.dims)
+            stub.dims.extend([0] if empty_stubs else tensor.dims)
     return skeleton
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
@@ -23,11 +23,12 @@ from onnx import numpy_helper
 
 from bnfold.fold_math import ChannelAffine
 from bnfold.graph import scoped_subgraphs
-from bnfold.model_io import PROTOBUF_LIMIT, save_model_atomic
+from bnfold.model_io import EXTERNAL_ABOVE_BYTES, save_model_atomic
 from bnfold.report import TensorCheck, Verification
 from bnfold.rewrite import Provenance
-from bnfold.runtime import RunConfig, compare_outputs
 from bnfold.rules.layers import fold_parameters, match_layer
+from bnfold.runtime import RunConfig, compare_outputs
+from bnfold.serialize import estimated_size
 
 # float64 slack of the recomputation itself, relative to the magnitude of the values involved.
 RECOMPUTE_SLACK = 1e-12
@@ -75,7 +76,7 @@ def _check_model(folded: onnx.ModelProto, original: ModelSource) -> tuple[bool, 
 
 
 def _run_checker(model: onnx.ModelProto | str, full_check: bool) -> None:
-    if isinstance(model, onnx.ModelProto) and model.ByteSize() > PROTOBUF_LIMIT:
+    if isinstance(model, onnx.ModelProto) and estimated_size(model) > EXTERNAL_ABOVE_BYTES:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.onnx"
             save_model_atomic(model, path, external_data=True)
@@ -144,6 +145,8 @@ def _probe_affine(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray],
         return None
     from onnx.reference import ReferenceEvaluator
 
+    used = {name for node in nodes for name in node.input}
+    constants = {name: value for name, value in constants.items() if name in used}
     rank = max([rank or 2] + [v.ndim for v in constants.values()])
     channels = max(max((v.size for v in constants.values()), default=1), 1)
     axis = _probe_axis(nodes, constants, rank)

@@ -1,7 +1,7 @@
 import numpy as np
+from builders import GraphBuilder, op_types, random_feeds, run
 
 import bnfold
-from builders import GraphBuilder, op_types, random_feeds, run
 
 
 def test_conv_bn_folds_and_matches():

@@ -64,9 +64,6 @@ def match_batch_norm(node: onnx.NodeProto, index: GraphIndex) -> AffineOp | Refu
         return Refusal(Reason.NOT_SPATIAL, "spatial=0 normalises per element, not per channel")
     if len(node.input) < 5:
         return Refusal(Reason.INVALID_PARAMS, f"expected 5 inputs, found {len(node.input)}")
-    data_type = index.elem_type(node.input[0])
-    if data_type is not None and data_type not in FLOAT_TYPES:
-        return Refusal(Reason.UNSUPPORTED_DTYPE, f"input type {onnx.TensorProto.DataType.Name(data_type)}")
     params = []
     for role, name in zip(("scale", "B", "mean", "var"), node.input[1:5]):
         value = index.constant(name)

@@ -20,7 +20,7 @@ import onnx
 from bnfold.fold_math import ChannelAffine
 from bnfold.graph import GraphIndex
 from bnfold.rules.affine_ops import AffineOp, is_candidate, match_affine
-from bnfold.rules.layers import Layer, backward_refusal, forward_refusal, match_layer
+from bnfold.rules.layers import LAYER_OPS, Layer, backward_refusal, forward_refusal, match_layer
 
 
 @dataclass
@@ -80,6 +80,11 @@ def plan_pass(index: GraphIndex) -> PassPlan:
     claimed: set[str] = set()  # outputs of affine ops already placed in a plan
     walked: set[str] = set()  # affine ops already seen in a forward chain (keeps walking linear)
     for node in index.nodes:
+        if node.op_type not in LAYER_OPS or not node.output:
+            continue
+        follower = index.sole_consumer(node.output[0])
+        if follower is None or not is_candidate(follower):
+            continue  # decided on structure alone: no weight is read for layers with nothing to fold
         layer = match_layer(node, index)
         if isinstance(layer, Layer):
             post = walk_backward_chain(layer, index)
@@ -134,9 +139,29 @@ def walk_forward_chain(head: onnx.NodeProto, index: GraphIndex, claimed: set[str
         axis = chain_axis(chain)
         if axis is not None and op.axis is not None and op.axis != axis:
             break
+        if not _keeps_shape(op, chain, index):
+            break
         chain.append(op)
         node = index.sole_consumer(op.output)
     return chain
+
+
+def _keeps_shape(op: AffineOp, chain: list[AffineOp], index: GraphIndex) -> bool:
+    """Does the op's constant leave its input's channel count alone? A [1,C,1,1] constant on an
+    [N,1,H,W] tensor broadcasts it up to C channels: not an affine map of the input. A BN's
+    parameters always match its input's channels; for a later link, an earlier per-channel link
+    has already fixed the count; otherwise shape inference must confirm it."""
+    if op.axis is None:
+        return True
+    established = [o.affine.channels for o in chain if o.axis is not None]
+    if established:
+        return established[0] == op.affine.channels
+    if op.node.op_type == "BatchNormalization":
+        return True
+    info = index.info(op.data_input)
+    if info is None or info.shape is None or len(info.shape) <= op.axis:
+        return False
+    return info.shape[op.axis] == op.affine.channels
 
 
 def forward_targets(chain: list[AffineOp], index: GraphIndex, by_layer: dict[str, LayerPlan]) -> list[Layer] | None:

@@ -62,12 +62,12 @@ def _backward_refusal(op: AffineOp, index: GraphIndex) -> Refusal | None:
 
 def _forward_refusal(op: AffineOp, index: GraphIndex) -> Refusal | None:
     """Why the consumers could not absorb the BN, or None when none of them is a layer."""
-    if op.output in index.graph_outputs:
-        return Refusal(Reason.OUTPUT_IS_GRAPH_OUTPUT, f"output '{op.output}' is a graph output")
     consumers = index.consumer_nodes(op.output)
     layers = [match_layer(c, index) for c in consumers]
     if not any(isinstance(layer, (Layer, Refusal)) for layer in layers):
         return None
+    if op.output in index.graph_outputs:
+        return Refusal(Reason.OUTPUT_IS_GRAPH_OUTPUT, f"output '{op.output}' is a graph output")
     for consumer, layer in zip(consumers, layers):
         if layer is None:
             return Refusal(Reason.CONSUMER_NOT_FOLDABLE, f"also consumed by {consumer.op_type} "

@@ -8,8 +8,8 @@ MatMul + Add otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -150,7 +150,9 @@ class FoldedParameters:
 
 def fold_parameters(layer: Layer, pre: ChannelAffine | None, post: ChannelAffine | None) -> FoldedParameters:
     """The float64 parameters of `post ∘ layer ∘ pre` (either map may be absent)."""
-    weight = layer.weight.astype(np.float64)
+    # numpy promotes float16/float32 weights to float64 inside the first product, which saves a
+    # float64 copy of every weight; bfloat16 (ml_dtypes) is widened explicitly.
+    weight = layer.weight if layer.weight.dtype.kind == "f" else layer.weight.astype(np.float64)
     bias = None if layer.bias is None else layer.bias.astype(np.float64)
     attrs = layer.attributes
     if layer.kind == "Gemm":
@@ -206,9 +208,12 @@ def build_nodes(
         return [node], tensors
     if layer.kind == "Gemm" or layer.in_axis == 1:
         # Gemm (or a 2-D MatMul turned into one): alpha and beta are already inside B and C.
-        gemm = onnx.helper.make_node("Gemm", [x_name, weight_name, bias_name], [y_name], name=layer.node.name)
-        kept = {"transA", "transB"} if layer.kind == "Gemm" else set()
-        gemm.attribute.extend(a for a in layer.node.attribute if a.name in kept)
+        gemm = node  # a copy of the layer node: name and doc_string stay
+        gemm.op_type, gemm.domain = "Gemm", ""
+        kept = [a for a in layer.node.attribute if a.name in ("transA", "transB")] if layer.kind == "Gemm" else []
+        del gemm.attribute[:]
+        gemm.attribute.extend(kept)
+        gemm.input.extend([x_name, weight_name, bias_name])
         if opset < 7 and tensors[bias_name].ndim < 2:
             gemm.attribute.append(onnx.helper.make_attribute("broadcast", 1))
         return [gemm], tensors

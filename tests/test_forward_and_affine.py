@@ -1,0 +1,418 @@
+"""Forward folds (an affine map absorbed by the layers it feeds), per-channel Mul/Add/Sub/Div folds and
+their broadcasting traps, and merges of affine chains into a single BatchNormalization.
+
+Every test runs the original and the folded model in onnxruntime (optimizations off) and checks
+the report: which nodes were folded, in which direction, into which layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from builders import GraphBuilder, op_types, random_feeds, run
+from onnx import helper
+
+import bnfold
+from bnfold.report import FoldedRecord, Reason, op_counts
+
+BN = "BatchNormalization"
+Feeds = dict[str, np.ndarray]
+RTOL, ATOL = 1e-4, 1e-5
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def node_named(model: onnx.ModelProto, output: str) -> onnx.NodeProto:
+    """The node of `model` producing `output`."""
+    return next(node for node in model.graph.node if output in node.output)
+
+
+def fold_and_compare(model: onnx.ModelProto, feeds: Feeds | None = None) -> bnfold.FoldResult:
+    """Fold with verification; the folded model must pass the full checker and match in onnxruntime."""
+    before = model.SerializeToString()
+    result = bnfold.fold(model)
+    assert model.SerializeToString() == before, "the input model was mutated"
+    verification = result.report.verification
+    assert verification is not None and verification.passed, verification
+    assert verification.runtime_status == "passed" and verification.outputs
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = feeds if feeds is not None else random_feeds(model)
+    expected, got = run(model, feeds), run(result.model, feeds)
+    assert len(expected) == len(got)
+    for want, have in zip(expected, got):
+        assert want.shape == have.shape
+        np.testing.assert_allclose(have, want, rtol=RTOL, atol=ATOL)
+    assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
+    return result
+
+
+def records(result: bnfold.FoldResult) -> list[tuple[str, str, list[str]]]:
+    """(op type, direction, into) of each folded record."""
+    return [(r.op_type, r.direction, r.into) for r in result.report.folded]
+
+
+def assert_untouched(model: onnx.ModelProto, result: bnfold.FoldResult) -> None:
+    """Nothing was folded: same ops, and onnxruntime gives bit-identical outputs."""
+    assert result.report.folded == []
+    assert op_types(result.model) == op_types(model)
+    feeds = random_feeds(model)
+    for want, have in zip(run(model, feeds), run(result.model, feeds)):
+        np.testing.assert_array_equal(have, want)
+
+
+def const_of(g: GraphBuilder, shape: tuple[int, ...], low: float = 0.5, high: float = 1.5) -> str:
+    return g.const(g.rng.uniform(low, high, shape), "k")
+
+
+def padded_conv_graph(channels: int = 8, size: int = 8) -> tuple[GraphBuilder, str]:
+    """x[2,3,size,size] -> Conv(3->channels, 3x3, pads 1): output [2, channels, size, size]."""
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, size, size])
+    return g, g.conv(x, 3, channels, pads=[1, 1, 1, 1])
+
+
+# --- forward folds into Conv ---------------------------------------------------------------------
+
+CONV_CASES = {
+    "1d": {"shape": [2, 3, 12], "c_in": 3, "c_out": 4, "dims": 1, "attrs": {}},
+    "2d": {"shape": [2, 3, 8, 8], "c_in": 3, "c_out": 4, "dims": 2, "attrs": {}},
+    "3d": {"shape": [1, 3, 5, 6, 5], "c_in": 3, "c_out": 2, "dims": 3, "attrs": {}},
+    "grouped": {"shape": [2, 6, 8, 8], "c_in": 6, "c_out": 4, "dims": 2, "attrs": {"group": 2}},
+    "depthwise": {"shape": [2, 4, 8, 8], "c_in": 4, "c_out": 8, "dims": 2, "attrs": {"group": 4}},
+    "valid_strided": {"shape": [2, 3, 9, 9], "c_in": 3, "c_out": 4, "dims": 2,
+                      "attrs": {"auto_pad": "VALID", "strides": [2, 2], "dilations": [1, 2]}},
+    "same_1x1": {"shape": [2, 3, 8, 8], "c_in": 3, "c_out": 5, "dims": 2,
+                 "attrs": {"auto_pad": "SAME_UPPER", "kernel": 1}},
+    "zero_pads": {"shape": [2, 3, 8, 8], "c_in": 3, "c_out": 4, "dims": 2, "attrs": {"pads": [0, 0, 0, 0]}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_bn_on_input_folds_forward_into_unpadded_conv(case: str, conv_bias: bool) -> None:
+    spec = CONV_CASES[case]
+    attrs = dict(spec["attrs"])
+    kernel = attrs.pop("kernel", 3)
+    g = GraphBuilder()
+    x = g.input("x", spec["shape"])
+    bn = g.bn(x, spec["c_in"])
+    y = g.conv(bn, spec["c_in"], spec["c_out"], kernel=kernel, dims=spec["dims"], bias=conv_bias, **attrs)
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv"]
+    conv = result.model.graph.node[0]
+    assert conv.input[0] == x and conv.output[0] == y and len(conv.input) == 3  # the shift became a bias
+    assert records(result) == [(BN, "forward", [node_named(model, y).name])]
+    assert result.report.skipped == []
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("alpha_beta", [(1.0, 1.0), (0.5, 2.0)])
+@pytest.mark.parametrize("c_shape", ["n", "absent", "1xn", "mx1", "mxn"])
+def test_bn_folds_forward_into_gemm(trans_b: int, alpha_beta: tuple[float, float], c_shape: str) -> None:
+    m, k, n = 3, 4, 5
+    alpha, beta = alpha_beta
+    shapes = {"n": (None,), "absent": None, "1xn": (1, n), "mx1": (m, 1), "mxn": (m, n)}
+    g = GraphBuilder()
+    x = g.input("x", [m, k])
+    y = g.gemm(g.bn(x, k), k, n, trans_b=trans_b, c_shape=shapes[c_shape], alpha=alpha, beta=beta)
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Gemm"]
+    gemm = result.model.graph.node[0]
+    assert gemm.input[0] == x and len(gemm.input) == 3
+    attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+    assert attrs.get("transB", 0) == trans_b
+    assert records(result) == [(BN, "forward", [node_named(model, y).name])]
+
+
+def test_bn_folds_forward_into_2d_matmul_as_gemm() -> None:
+    g = GraphBuilder()
+    x = g.input("x", [3, 4])
+    y = g.matmul(g.bn(x, 4), 4, 6)
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Gemm"]
+    assert result.model.graph.node[0].input[0] == x
+    assert records(result) == [(BN, "forward", [node_named(model, y).name])]
+
+
+def test_per_channel_sub_folds_forward_into_conv() -> None:
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, 8, 8])
+    shifted = g.node("Sub", [x, const_of(g, (3, 1, 1), -1.0, 1.0)])
+    scaled = g.node("Mul", [shifted, const_of(g, (1, 3, 1, 1))])
+    y = g.conv(scaled, 3, 4)
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv"]
+    into = [node_named(model, y).name]
+    assert records(result) == [("Sub", "forward", into), ("Mul", "forward", into)]
+
+
+def test_bn_feeding_two_unpadded_convs_folds_into_both() -> None:
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, 8, 8])
+    bn = g.bn(x, 3)
+    y1 = g.conv(bn, 3, 4)
+    y2 = g.conv(bn, 3, 5, kernel=1, bias=False)
+    model = g.model([y1, y2])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv", "Conv"]
+    assert all(node.input[0] == x for node in result.model.graph.node)
+    [record] = result.report.folded
+    assert (record.op_type, record.direction) == (BN, "forward")
+    assert sorted(record.into) == sorted([node_named(model, y1).name, node_named(model, y2).name])
+
+
+def test_bn_feeding_an_unpadded_and_a_padded_conv_is_not_folded() -> None:
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, 8, 8])
+    bn = g.bn(x, 3)
+    y1 = g.conv(bn, 3, 4)
+    y2 = g.conv(bn, 3, 4, pads=[1, 1, 1, 1])
+    model = g.model([y1, y2])
+    result = fold_and_compare(model)
+    assert_untouched(model, result)
+    assert [r.reason for r in result.report.skipped] == [Reason.PADDED_CONSUMER]
+
+
+def test_mul_by_c_shaped_constant_before_conv_is_not_folded_forward() -> None:
+    # x is [N, C, H, W] with W == C: a [C] constant scales W, not the channels the Conv contracts.
+    g = GraphBuilder()
+    x = g.input("x", [2, 4, 6, 4])
+    y = g.conv(g.node("Mul", [x, const_of(g, (4,))]), 4, 3)
+    model = g.model([y])
+    assert_untouched(model, fold_and_compare(model))
+
+
+@pytest.mark.parametrize("layer", ["Conv", "Gemm"])
+def test_broadcasting_mul_that_adds_channels_is_not_folded_forward(layer: str) -> None:
+    # A constant with C > 1 channels on a 1-channel tensor broadcasts it to C channels: the layer
+    # reads C channels that do not exist in x. Absorbing the Mul would leave it reading x directly.
+    g = GraphBuilder()
+    if layer == "Conv":
+        x = g.input("x", [2, 1, 8, 8])
+        y = g.conv(g.node("Mul", [x, const_of(g, (1, 4, 1, 1))]), 4, 6)
+    else:
+        x = g.input("x", [3, 1])
+        y = g.gemm(g.node("Mul", [x, const_of(g, (4,))]), 4, 6)
+    model = g.model([y])
+    assert_untouched(model, fold_and_compare(model))
+
+
+# --- per-channel Mul / Add / Sub / Div after a layer -----------------------------------------------
+
+
+def test_conv_mul_add_fold_into_conv() -> None:
+    g, conv = padded_conv_graph(channels=8)
+    scaled = g.node("Mul", [conv, const_of(g, (1, 8, 1, 1))])
+    y = g.node("Add", [scaled, const_of(g, (8, 1, 1), -1.0, 1.0)])
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv"]
+    into = [node_named(model, conv).name]
+    assert records(result) == [("Mul", "backward", into), ("Add", "backward", into)]
+    assert result.model.graph.node[0].output[0] == y
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1, 1)])
+@pytest.mark.parametrize("constant_first", [False, True])
+def test_conv_mul_by_scalar_folds(shape: tuple[int, ...], constant_first: bool) -> None:
+    g, conv = padded_conv_graph(channels=4)
+    k = g.const(np.full(shape, 1.75), "k")
+    y = g.node("Mul", [k, conv] if constant_first else [conv, k])
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv"]
+    assert records(result) == [("Mul", "backward", [node_named(model, conv).name])]
+
+
+@pytest.mark.parametrize("op", ["Mul", "Add"])
+def test_c_shaped_constant_after_conv_broadcasts_over_w_and_is_not_folded(op: str) -> None:
+    # The trap: NCHW conv output with C == H == W == 8. A [C]-shaped constant right-aligns with W, so
+    # it scales columns, not channels. Every shape lines up, so a wrong fold would go unnoticed.
+    g, conv = padded_conv_graph(channels=8, size=8)
+    y = g.node(op, [conv, const_of(g, (8,))])
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv", op]
+    assert_untouched(model, result)
+
+
+def test_add_varying_along_h_is_not_folded() -> None:
+    g, conv = padded_conv_graph(channels=8, size=8)
+    y = g.node("Add", [conv, const_of(g, (8, 1), -1.0, 1.0)])  # [C,1] right-aligns with (H, W)
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv", "Add"]
+    assert_untouched(model, result)
+
+
+def test_constant_of_higher_rank_is_not_folded() -> None:
+    g, conv = padded_conv_graph(channels=4)
+    y = g.node("Mul", [conv, g.const(np.full((1, 1, 1, 1, 1), 2.0), "k")])  # output becomes rank 5
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert_untouched(model, result)
+
+
+@pytest.mark.parametrize("op", ["Sub", "Div"])
+def test_x_minus_or_over_per_channel_constant_folds(op: str) -> None:
+    g, conv = padded_conv_graph(channels=4)
+    y = g.node(op, [conv, const_of(g, (4, 1, 1))])
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv"]
+    assert records(result) == [(op, "backward", [node_named(model, conv).name])]
+
+
+@pytest.mark.parametrize("op", ["Sub", "Div"])
+def test_constant_minus_or_over_x_is_not_folded(op: str) -> None:
+    g, conv = padded_conv_graph(channels=4)
+    y = g.node(op, [const_of(g, (4, 1, 1)), conv])
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv", op]
+    assert_untouched(model, result)
+
+
+def test_div_by_zero_constant_is_not_folded() -> None:
+    g, conv = padded_conv_graph(channels=4)
+    y = g.node("Div", [conv, g.const(np.array([1.0, 0.0, 2.0, 4.0]).reshape(4, 1, 1), "k")])
+    model = g.model([y])
+    assert_untouched(model, fold_and_compare(model))
+
+
+def test_gemm_mul_per_output_folds() -> None:
+    g = GraphBuilder()
+    x = g.input("x", [5, 4])
+    gemm = g.gemm(x, 4, 5, trans_b=1, alpha=0.5)
+    y = g.node("Mul", [gemm, const_of(g, (5,))])  # [N]: the Gemm's output features
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Gemm"]
+    assert records(result) == [("Mul", "backward", [node_named(model, gemm).name])]
+
+
+def test_gemm_mul_per_row_is_not_folded() -> None:
+    g = GraphBuilder()
+    x = g.input("x", [5, 4])
+    gemm = g.gemm(x, 4, 5)
+    y = g.node("Mul", [gemm, const_of(g, (5, 1))])  # [M,1]: scales batch rows (M == N == 5)
+    model = g.model([y])
+    assert_untouched(model, fold_and_compare(model))
+
+
+# --- merges into one BatchNormalization --------------------------------------------------------------
+
+
+def concat_graph(channels: tuple[int, int] = (2, 3), size: int = 6) -> tuple[GraphBuilder, str]:
+    g = GraphBuilder()
+    a = g.input("a", [2, channels[0], size, size])
+    b = g.input("b", [2, channels[1], size, size])
+    return g, g.node("Concat", [a, b], axis=1)
+
+
+@pytest.mark.parametrize("then_relu", [True, False])
+def test_bn_bn_after_concat_merges_into_one_bn(then_relu: bool) -> None:
+    g, cat = concat_graph()
+    first = g.bn(cat, 5)
+    second = g.bn(first, 5)
+    y = g.relu(second) if then_relu else second
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_counts(result.model).get(BN) == 1
+    assert op_types(result.model) == ["Concat", BN] + (["Relu"] if then_relu else [])
+    first_name = node_named(model, first).name
+    assert [(r.node, r.direction, r.into) for r in result.report.folded] == \
+        [(node_named(model, second).name, "merged", [first_name])]
+    merged = node_named(result.model, second)
+    assert merged.op_type == BN and merged.input[0] == cat
+    # The merged BN stays (nothing can absorb it) and is reported under the first BN's name.
+    assert [r.node for r in result.report.skipped] == [first_name]
+    if then_relu:
+        assert result.report.skipped[0].reason == Reason.NO_FOLDABLE_NEIGHBOUR
+
+
+def test_bn_mul_add_after_concat_merges_into_one_bn() -> None:
+    g, cat = concat_graph()
+    bn = g.bn(cat, 5)
+    scaled = g.node("Mul", [bn, const_of(g, (5, 1, 1))])
+    y = g.node("Add", [scaled, const_of(g, (1, 5, 1, 1), -1.0, 1.0)])
+    model = g.model([g.relu(y)])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Concat", BN, "Relu"]
+    bn_name = node_named(model, bn).name
+    assert records(result) == [("Mul", "merged", [bn_name]), ("Add", "merged", [bn_name])]
+    assert node_named(result.model, y).op_type == BN
+
+
+def test_bn_then_c_shaped_mul_after_concat_is_not_merged() -> None:
+    # Concat output [2, 6, 6, 6]: C == H == W, and a [C] constant acts on W, not on channels.
+    g, cat = concat_graph(channels=(2, 4), size=6)
+    y = g.node("Mul", [g.bn(cat, 6), const_of(g, (6,))])
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Concat", BN, "Mul"]
+    assert_untouched(model, result)
+
+
+def test_broadcasting_mul_after_one_channel_bn_is_not_merged() -> None:
+    # BN over 1 channel, then a [1,3,1,1] constant that broadcasts the tensor to 3 channels. A merged
+    # BN with 3 channels cannot take a 1-channel input.
+    g = GraphBuilder()
+    x = g.input("x", [2, 1, 6, 6])
+    bn = g.bn(g.relu(x), 1)
+    y = g.node("Mul", [bn, const_of(g, (1, 3, 1, 1))])
+    model = g.model([y])
+    assert_untouched(model, fold_and_compare(model))
+
+
+def test_merge_chain_on_rank2_tensor() -> None:
+    # BN over [N, C] (channels on axis 1 == last axis): a [C] constant is per-channel here.
+    g = GraphBuilder()
+    a = g.input("a", [3, 2])
+    b = g.input("b", [3, 4])
+    cat = g.node("Concat", [a, b], axis=1)
+    bn = g.bn(cat, 6)
+    y = g.node("Mul", [bn, const_of(g, (6,))])
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Concat", BN]
+    assert records(result) == [("Mul", "merged", [node_named(model, bn).name])]
+
+
+def test_folded_records_name_existing_layers() -> None:
+    # A mix: Conv -> BN -> Mul backward, then BN on the result's Relu feeding an unpadded Conv forward.
+    g, conv = padded_conv_graph(channels=4)
+    y = g.node("Mul", [g.bn(conv, 4), const_of(g, (4, 1, 1))])
+    z = g.conv(g.bn(g.relu(y), 4), 4, 2)
+    model = g.model([z])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv", "Relu", "Conv"]
+    names = {node.name for node in result.model.graph.node}
+    assert all(set(r.into) <= names for r in result.report.folded)
+    directions = sorted((r.op_type, r.direction) for r in result.report.folded)
+    assert directions == [(BN, "backward"), (BN, "forward"), ("Mul", "backward")]
+    assert all(isinstance(r, FoldedRecord) and r.graph == "main" for r in result.report.folded)
+
+
+@pytest.mark.parametrize("pre_op", ["bn", "scalar_mul"])
+def test_affine_before_and_bn_after_one_conv_fold_into_it(pre_op: str) -> None:
+    # 3 input channels, 4 output channels: the map in front and the BN behind differ in size.
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, 8, 8])
+    pre = g.bn(x, 3) if pre_op == "bn" else g.node("Mul", [x, g.const(np.array(1.5), "k")])
+    conv = g.conv(pre, 3, 4, bias=False)
+    y = g.bn(conv, 4)
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv"]
+    node = result.model.graph.node[0]
+    assert (node.input[0], node.output[0]) == (x, y)
+    into = [node_named(model, conv).name]
+    pre_type = BN if pre_op == "bn" else "Mul"
+    assert sorted(records(result)) == sorted([(pre_type, "forward", into), (BN, "backward", into)])
