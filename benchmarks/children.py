@@ -41,28 +41,38 @@ for path in sys.argv[1:3]:
     s.run(None, {i.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)})
 """
 
-# Inference latency: session creation + median latency, output kept for a
-# correctness cross-check between original and folded model.
+# Inference latency, original vs folded in ONE process with alternating runs,
+# so drift and other load on the machine hit both models alike (paired
+# measurement). A discarded first session pays ORT's one-time start-up so it
+# is not billed to whichever model happens to go first.
 INFER = r"""
-import json, sys, time, numpy as np, onnxruntime as ort
-path, level, runs, warmup, out_npy = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+import json, statistics, sys, time, numpy as np, onnxruntime as ort
+orig, folded, level, runs, warmup, out_npz = sys.argv[1:4] + [int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]]
 so = ort.SessionOptions()
 so.graph_optimization_level = {"disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                                "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
-t = time.perf_counter()
-s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-create = time.perf_counter() - t
-i = s.get_inputs()[0]
-feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape], dtype=np.float32)}
-for _ in range(warmup):
-    y = s.run(None, feed)[0]
-lat = []
-for _ in range(runs):
+def create(path):
     t = time.perf_counter()
-    y = s.run(None, feed)[0]
-    lat.append(time.perf_counter() - t)
-np.save(out_npy, y)
-print(json.dumps({"create_s": create, "latency_s": float(np.median(lat))}))
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return s, time.perf_counter() - t
+create(orig)
+created = {"orig": [], "folded": []}
+for _ in range(3):
+    for key, path in (("orig", orig), ("folded", folded)):
+        sess, dt = create(path)
+        created[key].append(dt)
+sess = {"orig": create(orig)[0], "folded": create(folded)[0]}
+i = sess["orig"].get_inputs()[0]
+feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape], dtype=np.float32)}
+out, lat = {}, {"orig": [], "folded": []}
+for n in range(warmup + runs):
+    for key, s in sess.items():
+        t = time.perf_counter()
+        out[key] = s.run(None, feed)[0]
+        if n >= warmup:
+            lat[key].append(time.perf_counter() - t)
+np.savez(out_npz, **out)
+print(json.dumps({f"{k}_{m}": statistics.median(v) for m, d in (("create_s", created), ("latency_s", lat)) for k, v in d.items()}))
 """
 
 # --compare tools. Each loads, transforms and saves, like FLOOR, so their

@@ -121,7 +121,14 @@ def git_rev(repo: Path) -> str:
     return rev + (" (+ uncommitted changes)" if dirty else "")
 
 
-def machine_section(repo: Path, argv: list[str]) -> str:
+def loadavg() -> str:
+    try:
+        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def machine_section(repo: Path, argv: list[str], load_at_start: str) -> str:
     dists = ["onnx", "onnxruntime", "numpy", "protobuf", "bnfold",
              "onnxsim", "onnxslim", "onnxoptimizer"]
     lines = [
@@ -133,6 +140,9 @@ def machine_section(repo: Path, argv: list[str]) -> str:
         f"| cores (os.cpu_count) | {os.cpu_count()} |",
         f"| RAM | {fmt_bytes(ram_bytes())} |",
         f"| OS | {platform.system()} {platform.release()} |",
+        # Other work on the machine inflates times; the load average tells a
+        # reader how much to trust small differences.
+        f"| load average 1/5/15 min, at start → at end | {load_at_start} → {loadavg()} |",
         f"| python | {platform.python_version()} ({sys.executable}) |",
     ]
     lines += [f"| {d} | {version(d)} |" for d in dists]

@@ -24,7 +24,7 @@ import bench_fold
 import bench_tools
 import models
 from measure import Workdir
-from report import Table, fmt_bytes, machine_section, write_results
+from report import Table, fmt_bytes, loadavg, machine_section, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -86,6 +86,7 @@ def step(msg: str) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    load_at_start = loadavg()
     check_scratch(args.scratch)
     require_bnfold()
     plan = {k: [n for n in v if not (args.skip_huge and n == "huge_external")]
@@ -112,7 +113,7 @@ def main(argv: list[str]) -> int:
             models.remove_model(infos["huge_external"])  # 2.2 GB: generated per run, not kept
         shutil.rmtree(args.scratch / "folded", ignore_errors=True)
         # Written even after Ctrl-C or a crash, so a long run is never all lost.
-        header = machine_section(REPO, ["run.py", *argv])
+        header = machine_section(REPO, ["run.py", *argv], load_at_start)
         write_results(args.output, header, model_table(list(infos.values())), tables)
         step(f"wrote {args.output}")
     return 0

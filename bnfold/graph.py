@@ -6,6 +6,7 @@ no rule ever scans the graph (that is what makes other tools quadratic on 10,000
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -242,7 +243,7 @@ def tensor_values(tensor: onnx.TensorProto) -> np.ndarray:
             and tensor.data_location != onnx.TensorProto.EXTERNAL:
         values = np.frombuffer(tensor.raw_data, dtype=dtype)
         shape = tuple(tensor.dims)
-        if values.size == int(np.prod(shape, dtype=np.int64)):
+        if values.size == math.prod(shape):
             return values.reshape(shape)
     return numpy_helper.to_array(tensor)
 

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
 
 from bnfold.report import JSON_SCHEMA_VERSION, Report
 
 
+def _finite_json(value):
+    """JSON has no NaN/Infinity: non-finite numbers become the strings "nan", "inf", "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_json(item) for item in value]
+    return value
+
+
+def _dumps(data: dict) -> str:
+    return json.dumps(_finite_json(data), indent=2, default=str, allow_nan=False)
+
+
 def to_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2, default=str)
+    return _dumps(report.to_dict())
 
 
 def _op_rows(report: Report) -> list[tuple[str, int, int]]:
@@ -21,7 +37,7 @@ def _verification_lines(report: Report) -> list[str]:
     if verification is None:
         return ["verification: skipped (--no-verify)"]
     lines = [f"verification: {'PASSED' if verification.passed else 'FAILED'}",
-             f"  onnx checker: {'ok' if verification.checker_passed else 'FAILED'} ({verification.checker_message})"]
+             f"  onnx checker: {verification.checker_message if verification.checker_passed else 'FAILED: ' + verification.checker_message}"]
     if verification.tensors:
         worst = max(t.max_ulp_error for t in verification.tensors)
         failed = sum(not t.passed for t in verification.tensors)
@@ -71,26 +87,25 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _result_dict(result) -> dict:
+def _result_dict(result, command: str) -> dict:
     data = result.report.to_dict() if result.report is not None else {
         "schema_version": JSON_SCHEMA_VERSION, "input_path": str(result.model), "passed": False}
     data["input_path"] = str(result.model)
     data["exit_code"] = result.exit_code
     data["error"] = result.error
     data["findings"] = result.findings
+    data["command"] = command
     return data
 
 
 def results_to_json(results: list, command: str, many: bool) -> str:
     """One JSON object: a model's report, or for several models {"models": [...]} (schema in README)."""
     if not many:
-        data = _result_dict(results[0])
-        data["command"] = command
-        return json.dumps(data, indent=2, default=str)
+        return _dumps(_result_dict(results[0], command))
     data = {"schema_version": JSON_SCHEMA_VERSION, "command": command,
             "exit_code": max((r.exit_code for r in results), default=0),
-            "models": [_result_dict(r) for r in results]}
-    return json.dumps(data, indent=2, default=str)
+            "models": [_result_dict(r, command) for r in results]}
+    return _dumps(data)
 
 
 def check_text(result) -> str:

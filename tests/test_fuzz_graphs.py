@@ -174,6 +174,8 @@ class _Graph:
         if self.flag(8) and not unpadded:
             attrs["auto_pad"] = self.choice(["SAME_UPPER", "SAME_LOWER", "VALID"])
             pads = [0] * 2 * dims
+            if attrs["auto_pad"] != "VALID":
+                dilation = 1  # onnxruntime: "Dilation not supported for AutoPadType::SAME_*"
         else:
             attrs["pads"] = pads
         span = dilation * (kernel - 1) + 1

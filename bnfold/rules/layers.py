@@ -65,7 +65,6 @@ def match_layer(node: onnx.NodeProto, index: GraphIndex) -> Layer | Refusal | No
         bias = index.constant(node.input[2])
         if bias is None:
             return Refusal(Reason.WEIGHT_NOT_CONSTANT, f"{node.op_type} bias '{node.input[2]}' is not a constant")
-    input_rank = index.rank(node.input[0])
     if node.op_type in ("Conv", "ConvTranspose"):
         if weight.ndim < 3:
             return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} weight of rank {weight.ndim}")
@@ -87,6 +86,7 @@ def match_layer(node: onnx.NodeProto, index: GraphIndex) -> Layer | Refusal | No
         out_channels, in_channels = weight.shape if attrs["trans_b"] else weight.shape[::-1]
         return Layer(node, weight, bias, 2, 1, None if attrs["trans_a"] else 1, out_channels, in_channels, attrs)
     # MatMul(x, W): output features on the last axis, contraction over x's last axis.
+    input_rank = index.rank(node.input[0])
     output_rank = None if input_rank is None else max(input_rank, 2)
     in_axis = None if input_rank is None else input_rank - 1
     out_axis = None if output_rank is None else output_rank - 1
