@@ -1,12 +1,14 @@
 """Where does bnfold's time / memory go? cProfile or tracemalloc around one fold.
 
-    python benchmarks/profile_fold.py MODEL [--verify] [--mem] [--top N]
+    python benchmarks/profile_fold.py MODEL [--verify] [--mem | --rss] [--top N]
 
 Runs `bnfold.fold(MODEL, verify=...).save(OUT)` in this process (OUT in a temp
 dir) and prints the top functions by cumulative time (cProfile), or, with
 --mem, the allocation sites live near the peak of traced memory (tracemalloc:
 Python and numpy allocations; protobuf's C++ arena is NOT traced, so compare
-the traced peak with the process peak RSS that is printed too). Use models from `benchmarks/models.py`.
+the traced peak with the process peak RSS that is printed too). --rss samples
+the process RSS every 5 ms and names the bnfold function running at the time,
+which also attributes untraced C++ memory (protobuf, onnxruntime). Use models from `benchmarks/models.py`.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ import cProfile
 import io
 import pstats
 import resource
+import sys
 import tempfile
 import threading
 import time
 import tracemalloc
 from pathlib import Path
+from types import FrameType
 
 
 def fold_once(model: str, out_dir: Path, verify: bool) -> None:
@@ -76,14 +80,59 @@ def profile_memory(model: str, verify: bool, top: int) -> None:
             print("    " + line)
 
 
+def _bnfold_frames(frame: FrameType | None) -> str:
+    """The innermost bnfold function on a stack, e.g. 'serialize.py:write_model'."""
+    names: list[str] = []
+    while frame is not None:
+        if "bnfold" in frame.f_code.co_filename:
+            names.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
+        frame = frame.f_back
+    return " < ".join(names[:3]) or "(outside bnfold)"
+
+
+def profile_rss(model: str, verify: bool, top: int) -> None:
+    """Sample VmRSS every 5 ms with the bnfold function running at that moment.
+
+    tracemalloc cannot see protobuf's C++ buffers or ORT; RSS sampling can,
+    and naming the function on the main thread's stack attributes each jump.
+    """
+    main_id = threading.get_ident()
+    samples: list[tuple[float, int, str]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        t0 = time.perf_counter()
+        while not done.wait(0.005):
+            rss = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0])
+            where = _bnfold_frames(sys._current_frames().get(main_id))
+            samples.append((time.perf_counter() - t0, rss, where))
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    with tempfile.TemporaryDirectory() as d:
+        fold_once(model, Path(d), verify)
+    done.set()
+    th.join()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"peak RSS {peak / 1024:.1f} MiB; per bnfold function: max RSS seen, first seen at")
+    phases: dict[str, tuple[int, float]] = {}
+    for t, rss, where in samples:
+        first = phases.get(where, (0, t))[1]
+        phases[where] = (max(rss, phases.get(where, (0, t))[0]), first)
+    for where, (rss, first) in sorted(phases.items(), key=lambda kv: kv[1][1])[: top * 4]:
+        print(f"  {rss / 1024:8.1f} MiB  t={first:6.2f}s  {where}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--verify", action="store_true")
     ap.add_argument("--mem", action="store_true", help="tracemalloc instead of cProfile")
+    ap.add_argument("--rss", action="store_true", help="RSS timeline by bnfold function")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    (profile_memory if args.mem else profile_time)(args.model, args.verify, args.top)
+    run = profile_rss if args.rss else profile_memory if args.mem else profile_time
+    run(args.model, args.verify, args.top)
 
 
 if __name__ == "__main__":

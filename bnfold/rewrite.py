@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold import fold_math
-from bnfold.graph import CONSTANT_FOLDABLE_OPS, GraphIndex, scoped_subgraphs, subgraphs_of
+from bnfold.graph import CONSTANT_FOLDABLE_OPS, GraphIndex, names_used_inside, scoped_subgraphs, subgraphs_of
 from bnfold.report import FoldedRecord, SkippedRecord
 from bnfold.rules.affine_ops import AffineOp
 from bnfold.rules.chains import LayerPlan, MergePlan, compose, plan_pass
@@ -95,6 +95,7 @@ class _Folder:
         self.keep_provenance = keep_provenance
         self.names = NameRegistry(model)
         self._value_infos: dict[str, dict] | None = None
+        self.orphaned: set[str] = set()
         self.outcome = FoldOutcome()
 
     @property
@@ -121,7 +122,21 @@ class _Folder:
         for node in index.nodes:
             for path, body in scoped_subgraphs(node, scope):
                 self.fold_graph(body, path, index)
+        self._drop_outer_orphans(graph, index)
         self.outcome.skipped.extend(explain_skipped(index, scope))
+
+    def _drop_outer_orphans(self, graph: onnx.GraphProto, index: GraphIndex) -> None:
+        """Remove this scope's initializers that only a (now folded) subgraph used to read."""
+        mine = self.orphaned & index.initializers.keys()
+        if not mine:
+            return
+        used = names_used_inside(graph)
+        dead = {name for name in mine if name not in used and name not in index.overridable}
+        self.orphaned -= mine
+        for field in (graph.initializer, graph.input):
+            doomed = [i for i, value in enumerate(field) if value.name in dead]
+            for position in reversed(doomed):
+                del field[position]
 
     # --- one pass --------------------------------------------------------------------------
 
@@ -142,6 +157,8 @@ class _Folder:
         for merge in merges:
             self._merge_chain(graph, index, merge, scope, replaced, removed, maybe_dead)
         dead_names = _dead_values(index, replaced, removed, maybe_dead)
+        # Values of an enclosing scope this pass stopped reading: that scope cleans them up.
+        self.orphaned.update(n for n in maybe_dead if n not in index.initializers and n not in index.producer)
         for position, node in replaced.items():
             graph.node[position].CopyFrom(node)
         for position in sorted(removed, reverse=True):

@@ -384,7 +384,7 @@ class _Graph:
 @st.composite
 def graphs(draw) -> FuzzModel:
     dtype = np.dtype(draw(st.sampled_from([np.float32] * 5 + [np.float64])))
-    opset = draw(st.sampled_from([17, 15, 13, 11]))
+    opset = draw(st.sampled_from([17, 15, 13, 11, 9, 7]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     g = _Graph(draw, rng, dtype, opset)
     batch = draw(st.integers(1, 2))
