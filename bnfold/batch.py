@@ -108,10 +108,15 @@ def output_paths(models: list[Path], output: Path | None, many: bool, in_place: 
         return [output or models[0].with_name(models[0].stem + ".folded.onnx")]
     if output is None:
         return [m.with_name(m.stem + ".folded.onnx") for m in models]
-    output.mkdir(parents=True, exist_ok=True)
     names = [m.stem + ".onnx" for m in models]
     if len(set(names)) != len(names):
         raise BadInputError(f"-o {output}: several inputs share a file name; fold them into separate folders")
+    if output.exists() and not output.is_dir():
+        raise BadInputError(f"-o {output}: several models need an output folder, this is a file")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInputError(f"-o {output}: cannot create the output folder ({error.strerror})") from None
     return [output / name for name in names]
 
 

@@ -125,9 +125,9 @@ def _run(jobs: list[batch.Job], workers: int, quiet: bool) -> list[batch.JobResu
 
 
 def _emit(results: list[batch.JobResult], as_json: bool, report_md: Path | None, quiet: bool, verbose: bool,
-          mode: str) -> int:
-    """Print per-model reports (or one JSON object), write Markdown, return the worst exit code."""
-    many = len(results) > 1
+          mode: str, many: bool) -> int:
+    """Print per-model reports (or one JSON object), write Markdown, return the worst exit code.
+    `many`: several models or a folder were given (a batch, even if it holds one model)."""
     if report_md is not None:
         text = "\n".join(render.to_markdown(r.report) if r.report else f"### `{r.model}`\n\n{r.error}\n" for r in results)
         try:
@@ -178,7 +178,7 @@ def fold_command(models: tuple[Path, ...], output: Path | None, in_place: bool, 
     except BnfoldError as error:
         _fail(str(error), error.exit_code)
     job_list = [batch.Job(path, target, "fold", options) for path, target in zip(paths, targets)]
-    code = _emit(_run(job_list, jobs, quiet), as_json, report_md, quiet, verbose, "fold")
+    code = _emit(_run(job_list, jobs, quiet), as_json, report_md, quiet, verbose, "fold", many)
     if code == EXIT_FAILED and not as_json:
         click.echo("bnfold: verification failed; nothing written for the failing model(s)", err=True)
     sys.exit(code)
@@ -199,7 +199,8 @@ def check_command(models: tuple[Path, ...], verify: bool, jobs: int, as_json: bo
     except BnfoldError as error:
         _fail(str(error), error.exit_code)
     job_list = [batch.Job(path, None, "check", options) for path in paths]
-    sys.exit(_emit(_run(job_list, jobs, quiet), as_json, report_md, quiet, verbose, "check"))
+    many = len(paths) > 1 or any(m.is_dir() for m in models)
+    sys.exit(_emit(_run(job_list, jobs, quiet), as_json, report_md, quiet, verbose, "check", many))
 
 
 def _check_target(model: Path, target: Path) -> None:

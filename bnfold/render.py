@@ -42,7 +42,11 @@ def _verification_lines(report: Report) -> list[str]:
         worst = max(t.max_ulp_error for t in verification.tensors)
         failed = sum(not t.passed for t in verification.tensors)
         lines.append(f"  analytic check: {len(verification.tensors)} tensors, worst {worst:.3g} ulp, {failed} failed")
-    lines.append(f"  onnxruntime (optimizations off, seed {verification.seed}): {verification.runtime_status}")
+    if verification.runtime_engine == "onnxruntime":
+        engine = f"onnxruntime (optimizations off, seed {verification.seed})"
+    else:
+        engine = f"{verification.runtime_engine}, seed {verification.seed}"
+    lines.append(f"  {engine}: {verification.runtime_status}")
     for output in verification.outputs:
         lines.append(f"    {output.name:<24} max abs {output.max_abs_error:.3g}  max rel {output.max_rel_error:.3g}  "
                      f"rtol {output.rtol:g} atol {output.atol:g}  {'ok' if output.passed else 'FAIL'}")
@@ -79,8 +83,8 @@ def to_markdown(report: Report) -> str:
     verification = report.verification
     if verification is not None:
         verdict = "passed" if verification.passed else "FAILED"
-        lines += ["", f"Verification: **{verdict}** (onnxruntime {verification.runtime_status}, "
-                  f"seed {verification.seed})", "",
+        status = f"{verification.runtime_engine} {verification.runtime_status}, seed {verification.seed}"
+        lines += ["", f"Verification: **{verdict}** ({status})", "",
                   "| output | max abs | max rel | rtol | atol | result |", "|---|---:|---:|---:|---:|---|"]
         lines += [f"| {o.name} | {o.max_abs_error:.3g} | {o.max_rel_error:.3g} | {o.rtol:g} | {o.atol:g} | "
                   f"{'ok' if o.passed else 'FAIL'} |" for o in verification.outputs]

@@ -95,6 +95,7 @@ class Verification:
     tensors: list[TensorCheck] = field(default_factory=list)
     outputs: list[OutputCheck] = field(default_factory=list)
     runtime_status: str = "not run"  # "passed" | "failed" | "not run: <why>"
+    runtime_engine: str = "onnxruntime"  # or "onnx reference evaluator (<why onnxruntime could not>)"
     seed: int = 0
     seeds: list[int] = field(default_factory=list)  # one per random batch; empty for user data
     input_shapes: dict[str, list[int]] = field(default_factory=dict)

@@ -133,10 +133,10 @@ class _Folder:
         used = names_used_inside(graph)
         dead = {name for name in mine if name not in used and name not in index.overridable}
         self.orphaned -= mine
-        for field in (graph.initializer, graph.input):
-            doomed = [i for i, value in enumerate(field) if value.name in dead]
+        for values in (graph.initializer, graph.input):
+            doomed = [i for i, value in enumerate(values) if value.name in dead]
             for position in reversed(doomed):
-                del field[position]
+                del values[position]
 
     # --- one pass --------------------------------------------------------------------------
 

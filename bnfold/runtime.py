@@ -123,47 +123,37 @@ def feed_sets(inputs: list[onnx.ValueInfoProto], config: RunConfig) -> tuple[lis
     return [{name: np.asarray(v[i]) for name, v in samples.items()} for i in range(count)], {}
 
 
+class _CannotRun(Exception):
+    """onnxruntime cannot load or run the *original* model (an old opset, a custom op)."""
+
+
 def compare_outputs(original, folded: onnx.ModelProto, result: Verification, config: RunConfig) -> None:
-    """Fill `result.outputs` and `result.runtime_status`; never reports a pass it did not compute."""
+    """Fill `result.outputs` and `result.runtime_status`; never reports a pass it did not compute.
+
+    When onnxruntime has no kernel for the original model (BN-6 and other pre-opset-7 exports), both
+    models are run by onnx's reference evaluator instead, and the report says so.
+    """
     # Folding never changes a graph's inputs or outputs, so the folded model describes both.
     batches, defaulted = feed_sets(graph_inputs(folded), config)
     result.input_shapes = {name: list(array.shape) for name, array in batches[0].items()} if batches else {}
     result.seeds = [config.seed + i for i in range(len(batches))] if config.inputs is None else []
-    output_types = {o.name: o.type.tensor_type.elem_type for o in folded.graph.output}
     unavailable = _unavailable(config.providers)
     if unavailable:
         raise BadInputError(f"execution provider {unavailable} is not available in this onnxruntime "
                             f"(available: {', '.join(_available())})")
-    with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
+    try:
+        names, references, candidates = _run_onnxruntime(original, folded, batches, config, defaulted, result)
+    except _CannotRun as why:
         try:
-            reference_session = session(original, folder)
-        except Exception as error:  # noqa: BLE001 - whatever onnxruntime raises, say so and fail
-            result.runtime_status = f"not run: onnxruntime cannot load the original model: {_line(error)}"
+            names, references, candidates = _run_reference_evaluator(original, folded, batches)
+        except Exception as error:  # noqa: BLE001 - the evaluator cannot run it either: say both
+            result.runtime_status = f"not run: {why}; onnx reference evaluator: {_line(error)}"
             return
-        names = [o.name for o in reference_session.get_outputs()]
-        try:
-            references = [reference_session.run(None, feeds) for feeds in batches]
-        except Exception as error:  # noqa: BLE001
-            if config.input_shapes:
-                raise BadInputError(f"onnxruntime rejected the --input-shape values {config.input_shapes}: "
-                                    f"{_line(error)}") from None
-            if defaulted:
-                name, dims = next(iter(defaulted.items()))
-                raise BadInputError(
-                    f"onnxruntime rejected the default shape {result.input_shapes[name]} for input '{name}' "
-                    f"(symbolic dims: {', '.join(dims)}): pass --input-shape {name}:D0,D1,... ({_line(error)})"
-                ) from None
-            result.runtime_status = f"not run: onnxruntime cannot run the original model: {_line(error)}"
-            return
-        del reference_session
-        candidates: dict[str, list] = {}
-        for provider in ["CPUExecutionProvider", *config.providers]:
-            try:
-                candidate_session = session(folded, folder, provider)
-                candidates[provider] = [candidate_session.run(names, feeds) for feeds in batches]
-            except Exception as error:  # noqa: BLE001
-                result.runtime_status = f"failed: onnxruntime ({provider}) cannot run the folded model: {_line(error)}"
-                return
+        result.runtime_engine = f"onnx reference evaluator ({why})"
+    except RuntimeError as error:
+        result.runtime_status = str(error)
+        return
+    output_types = {o.name: o.type.tensor_type.elem_type for o in folded.graph.output}
     for provider, runs in candidates.items():
         suffix = "" if provider == "CPUExecutionProvider" else f"@{provider}"
         for position, name in enumerate(names):
@@ -175,6 +165,55 @@ def compare_outputs(original, folded: onnx.ModelProto, result: Verification, con
             result.outputs.append(merge_checks(checks))
     result.runtime_status = "passed" if all(o.passed for o in result.outputs) else "failed"
     _save_arrays(config, batches, names, references, candidates["CPUExecutionProvider"])
+
+
+def _run_onnxruntime(original, folded, batches, config: RunConfig, defaulted, result: Verification):
+    """(output names, reference runs, {provider: folded runs}); _CannotRun when the original cannot
+    be run, RuntimeError(status) when the folded model cannot."""
+    with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
+        try:
+            reference_session = session(original, folder)
+        except Exception as error:  # noqa: BLE001 - whatever onnxruntime raises
+            raise _CannotRun(f"onnxruntime cannot load the original model: {_line(error)}") from None
+        names = [o.name for o in reference_session.get_outputs()]
+        try:
+            references = [reference_session.run(None, feeds) for feeds in batches]
+        except Exception as error:  # noqa: BLE001
+            _raise_for_shapes(config, defaulted, result, error)
+            raise _CannotRun(f"onnxruntime cannot run the original model: {_line(error)}") from None
+        del reference_session
+        candidates: dict[str, list] = {}
+        for provider in ["CPUExecutionProvider", *config.providers]:
+            try:
+                candidate_session = session(folded, folder, provider)
+                candidates[provider] = [candidate_session.run(names, feeds) for feeds in batches]
+            except Exception as error:  # noqa: BLE001
+                raise RuntimeError(f"failed: onnxruntime ({provider}) cannot run the folded model: "
+                                   f"{_line(error)}") from None
+    return names, references, candidates
+
+
+def _raise_for_shapes(config: RunConfig, defaulted: dict, result: Verification, error: Exception) -> None:
+    """Shapes the user gave, or defaults for symbolic dims, that onnxruntime rejects are bad input."""
+    if config.input_shapes:
+        raise BadInputError(f"onnxruntime rejected the --input-shape values {config.input_shapes}: "
+                            f"{_line(error)}") from None
+    if defaulted:
+        name, dims = next(iter(defaulted.items()))
+        raise BadInputError(
+            f"onnxruntime rejected the default shape {result.input_shapes[name]} for input '{name}' "
+            f"(symbolic dims: {', '.join(dims)}): pass --input-shape {name}:D0,D1,... ({_line(error)})"
+        ) from None
+
+
+def _run_reference_evaluator(original, folded: onnx.ModelProto, batches):
+    from onnx.reference import ReferenceEvaluator
+
+    model = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original))
+    names = [o.name for o in model.graph.output]
+    references = [ReferenceEvaluator(model).run(None, feeds) for feeds in batches]
+    candidate = ReferenceEvaluator(folded)
+    return names, references, {"CPUExecutionProvider": [candidate.run(names, feeds) for feeds in batches]}
 
 
 def merge_checks(checks: list[OutputCheck]) -> OutputCheck:

@@ -1,0 +1,112 @@
+"""Old and odd exports: opset-6 BN/Gemm (no onnxruntime kernels), custom-domain nodes, the README's
+commands matching CI, and outer-scope initializers orphaned by a subgraph fold."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+from builders import GraphBuilder
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+import bnfold
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _opset6_model() -> onnx.ModelProto:
+    """Conv -> BN-6 (is_test) -> Flatten -> Gemm-6 (broadcast=1) -> BN-6, IR 3: all initializers
+    listed as graph inputs, as old model-zoo files are."""
+    g = GraphBuilder(opset=6)
+    x = g.input("x", [2, 3, 8, 8])
+    conv = g.conv(x, 3, 4, pads=[1, 1, 1, 1])
+    bn1 = g.node("BatchNormalization", [conv, *g.bn_params(4)], "bn", epsilon=1e-3, is_test=1)
+    flat = g.node("Flatten", [bn1])
+    gemm = g.gemm(flat, 4 * 8 * 8, 5, trans_b=1, broadcast=1)
+    out = g.node("BatchNormalization", [gemm, *g.bn_params(5)], "bn", epsilon=1e-5, is_test=1)
+    inputs = g.inputs + [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in g.initializers]
+    graph = helper.make_graph(g.nodes, "old", inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, [2, 5])],
+                              g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_opset6_bn_and_gemm_fold_and_are_verified_by_the_reference_evaluator():
+    model = _opset6_model()
+    result = bnfold.fold(model)
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops == ["Conv", "Flatten", "Gemm"]
+    verification = result.report.verification
+    # onnxruntime has no BatchNormalization(6) kernel: the comparison ran in onnx's evaluator, and says so.
+    assert verification.runtime_engine.startswith("onnx reference evaluator")
+    assert "BatchNormalization(6)" in verification.runtime_engine
+    assert verification.runtime_status == "passed"
+    assert verification.outputs[0].max_rel_error < 1e-6
+    # IR 3: every initializer, the new Conv bias included, is still listed as a graph input.
+    inputs = {v.name for v in result.model.graph.input}
+    assert {t.name for t in result.model.graph.initializer} <= inputs
+    # Independent check: the reference evaluator agrees on the folded model's output.
+    feeds = {"x": np.random.default_rng(3).uniform(-1, 1, (2, 3, 8, 8)).astype(np.float32)}
+    expected = ReferenceEvaluator(model).run(None, feeds)[0]
+    got = ReferenceEvaluator(result.model).run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_domain_node_is_left_alone_and_verification_says_it_could_not_run():
+    g = GraphBuilder()
+    x = g.input("x", [1, 3, 8, 8])
+    y = g.bn(g.conv(x, 3, 4, pads=[1, 1, 1, 1]), 4)
+    g.nodes.append(helper.make_node("Mystery", [y], ["z"], domain="com.example", name="mystery"))
+    graph = helper.make_graph(g.nodes, "custom", g.inputs, [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    result = bnfold.fold(model, raise_on_failure=False)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Mystery"]
+    assert result.model.graph.node[1].domain == "com.example"
+    verification = result.report.verification
+    assert verification.runtime_status.startswith("not run:")
+    assert "Mystery" in verification.runtime_status
+    assert not verification.passed and not result.report.passed
+    # Without verification the fold itself is fine, and says nothing was verified.
+    unverified = bnfold.fold(model, verify=False)
+    assert unverified.report.verification is None and unverified.report.passed
+
+
+def test_outer_initializer_read_only_by_a_folded_subgraph_is_removed():
+    inner = GraphBuilder(rng=np.random.default_rng(5))
+    xi = inner.input("xi", [1, 2, 4, 4])
+    weight = inner.const(inner.weights(2, 2, 1, 1), "outer_w")
+    y = inner.bn(inner.node("Conv", [xi, weight]), 2)
+    outer_weight = inner.initializers.pop(0)  # the body reads the weight from the enclosing scope
+    body = helper.make_graph(inner.nodes, "then", [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 2, 4, 4])],
+                             inner.initializers)
+    other = helper.make_graph([helper.make_node("Identity", ["xi"], ["o"])], "else", [],
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 2, 4, 4])])
+    node = helper.make_node("If", ["cond"], ["out"], then_branch=body, else_branch=other, name="branch")
+    graph = helper.make_graph(
+        [node], "main",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, []), *inner.inputs],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 4, 4])], [outer_weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    result = bnfold.fold(model, verify=False)
+    assert [r.graph for r in result.report.folded] == ["main/branch.then_branch"]
+    assert "outer_w" not in {t.name for t in result.model.graph.initializer}
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = {"cond": np.array(True), "xi": np.random.default_rng(1).uniform(-1, 1, (1, 2, 4, 4)).astype(np.float32)}
+    np.testing.assert_allclose(ReferenceEvaluator(result.model).run(None, feeds)[0],
+                               ReferenceEvaluator(model).run(None, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^python3 -m venv .*$", readme, flags=re.MULTILINE)
+    assert len(commands) == 2, "README must start with the two set-up commands"
+    test_command = commands[1]
+    assert "pytest" in test_command
+    assert test_command in (ROOT / ".ci" / "run").read_text()
