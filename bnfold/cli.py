@@ -6,6 +6,7 @@ Exit codes: 0 success (also nothing to fold), 1 verification failed (nothing wri
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -87,8 +88,8 @@ def _fold_options(verify: bool, input_shape, seed, iterations, inputs_npz, atol,
                   save_outputs) -> dict:
     """Validated keyword arguments for bnfold.fold; BadInputError for malformed values."""
     for flag, value in (("--atol", atol), ("--rtol", rtol)):
-        if value is not None and not value >= 0:
-            raise BadInputError(f"{flag} {value}: must be a non-negative number")
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            raise BadInputError(f"{flag} {value}: must be a finite, non-negative number")
     options = {"verify": verify, "seed": seed, "input_shapes": parse_input_shapes(input_shape), "atol": atol,
                "rtol": rtol, "iterations": iterations,
                "providers": [p.strip() for p in providers.split(",") if p.strip()],
@@ -105,8 +106,8 @@ def load_npz(path: Path) -> dict:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
-    except (OSError, ValueError) as error:
-        raise BadInputError(f"--inputs {path}: cannot read arrays ({error})") from None
+    except Exception as error:  # noqa: BLE001 - zipfile, zlib, pickle refusals: all mean "unreadable"
+        raise BadInputError(f"--inputs {path}: cannot read arrays ({type(error).__name__}: {error})") from None
 
 
 def _progress(total: int, quiet: bool):
@@ -165,6 +166,7 @@ def fold_command(models: tuple[Path, ...], output: Path | None, in_place: bool, 
     fails is not written."""
     try:
         options = _fold_options(not no_verify, **verification)
+        _check_writable(report_md, "--report-md")
         paths = batch.discover(models)
         many = len(paths) > 1 or any(m.is_dir() for m in models)
         if not paths:
@@ -193,6 +195,7 @@ def check_command(models: tuple[Path, ...], verify: bool, jobs: int, as_json: bo
     """Write nothing; exit 1 if any MODEL still has a foldable or training-mode BatchNormalization."""
     try:
         options = _fold_options(verify, **verification)
+        _check_writable(report_md, "--report-md")
         paths = batch.discover(models, skip_folded=False)
         if not paths:
             raise BadInputError(f"no *.onnx files found in {', '.join(map(str, models))}")
@@ -201,6 +204,16 @@ def check_command(models: tuple[Path, ...], verify: bool, jobs: int, as_json: bo
     job_list = [batch.Job(path, None, "check", options) for path in paths]
     many = len(paths) > 1 or any(m.is_dir() for m in models)
     sys.exit(_emit(_run(job_list, jobs, quiet), as_json, report_md, quiet, verbose, "check", many))
+
+
+def _check_writable(path: Path | None, flag: str) -> None:
+    """Fail before any work if a report file cannot be written (a model must not be written and
+    then reported as a failure)."""
+    if path is None:
+        return
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise BadInputError(f"{flag} {path}: cannot write there")
 
 
 def _check_target(model: Path, target: Path) -> None:

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnfold.errors import BadInputError
+
 # Ops whose output is constant when all their inputs are; evaluated with onnx's reference evaluator.
 CONSTANT_FOLDABLE_OPS = frozenset(
     {"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "ConstantOfShape", "Flatten", "Expand",
@@ -239,13 +241,17 @@ def tensor_values(tensor: onnx.TensorProto) -> np.ndarray:
     """A tensor's values (read-only). Plain little-endian raw data is viewed directly, which is
     several times faster than numpy_helper.to_array on graphs with tens of thousands of tensors."""
     dtype = _RAW_DTYPES.get(tensor.data_type)
-    if dtype is not None and sys.byteorder == "little" and tensor.HasField("raw_data") \
-            and tensor.data_location != onnx.TensorProto.EXTERNAL:
-        values = np.frombuffer(tensor.raw_data, dtype=dtype)
-        shape = tuple(tensor.dims)
-        if values.size == math.prod(shape):
-            return values.reshape(shape)
-    return numpy_helper.to_array(tensor)
+    try:
+        if dtype is not None and sys.byteorder == "little" and tensor.HasField("raw_data") \
+                and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            raw = tensor.raw_data
+            shape = tuple(tensor.dims)
+            if len(raw) == math.prod(shape) * np.dtype(dtype).itemsize:
+                return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return numpy_helper.to_array(tensor)
+    except (ValueError, KeyError, TypeError) as error:
+        # A tensor whose bytes do not match its dims or type: the file is damaged, not our input.
+        raise BadInputError(f"tensor '{tensor.name}' cannot be read ({type(error).__name__}: {error})") from None
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

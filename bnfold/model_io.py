@@ -93,10 +93,37 @@ def check_structure(model: onnx.ModelProto, label: str) -> None:
     full copy of them (seconds and gigabytes on large models) to learn nothing about the graph."""
     from bnfold.shapes import skeleton
 
+    bad_name = _non_text_name(model.graph)
+    if bad_name is not None:
+        raise BadInputError(f"{label}: invalid model: a name is not valid UTF-8 ({bad_name!r})")
+    for tensor in model.graph.initializer:  # the skeleton keeps only the types of big tensors
+        if tensor.data_type not in _KNOWN_TYPES:
+            raise BadInputError(f"{label}: invalid model: initializer '{tensor.name}' has unknown "
+                                f"data type {tensor.data_type}")
     try:
         onnx.checker.check_model(skeleton(model, empty_stubs=True))
     except (onnx.checker.ValidationError, ValueError) as error:
         raise BadInputError(f"{label}: invalid model: {_first_line(error)}") from None
+
+
+def _non_text_name(graph: onnx.GraphProto) -> bytes | None:
+    """A node/value name that protobuf could not decode as UTF-8 (it then hands out bytes)."""
+    from bnfold.graph import subgraphs_of
+
+    for node in graph.node:
+        for name in (node.name, node.op_type, node.domain, *node.input, *node.output):
+            if not isinstance(name, str):
+                return name
+        for body in subgraphs_of(node):
+            if (bad := _non_text_name(body)) is not None:
+                return bad
+    for value in [*graph.input, *graph.output, *graph.initializer]:
+        if not isinstance(value.name, str):
+            return value.name
+    return None
+
+
+_KNOWN_TYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.TensorProto.UNDEFINED)
 
 
 def _first_line(error: BaseException) -> str:

@@ -92,8 +92,9 @@ def to_markdown(report: Report) -> str:
 
 
 def _result_dict(result, command: str) -> dict:
-    data = result.report.to_dict() if result.report is not None else {
-        "schema_version": JSON_SCHEMA_VERSION, "input_path": str(result.model), "passed": False}
+    data = (result.report or Report()).to_dict()
+    if result.report is None:  # the model could not be read: an empty report that did not pass
+        data["passed"] = False
     data["input_path"] = str(result.model)
     data["exit_code"] = result.exit_code
     data["error"] = result.error

@@ -117,9 +117,16 @@ def feed_sets(inputs: list[onnx.ValueInfoProto], config: RunConfig) -> tuple[lis
     missing = sorted(known - set(config.inputs))
     if missing:
         raise BadInputError(f"--inputs has no array for input '{missing[0]}'")
-    samples = {name: (list(array) if array.ndim == ranks[name] + 1 else [array])
-               for name, array in config.inputs.items() if name in known}
-    count = min(len(v) for v in samples.values()) if samples else 1
+    types = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type) for v in inputs}
+    samples = {}
+    for name, array in config.inputs.items():
+        if array.dtype != types[name]:
+            raise BadInputError(f"--inputs '{name}' has dtype {array.dtype}, the model input is {types[name]}")
+        samples[name] = list(array) if array.ndim == ranks[name] + 1 else [array]
+    counts = {len(v) for v in samples.values()}
+    if len(counts) > 1:
+        raise BadInputError(f"--inputs arrays hold different numbers of samples: {sorted(counts)}")
+    count = counts.pop() if counts else 1
     return [{name: np.asarray(v[i]) for name, v in samples.items()} for i in range(count)], {}
 
 
@@ -144,6 +151,9 @@ def compare_outputs(original, folded: onnx.ModelProto, result: Verification, con
     try:
         names, references, candidates = _run_onnxruntime(original, folded, batches, config, defaulted, result)
     except _CannotRun as why:
+        if config.providers:
+            result.runtime_status = f"not run: --providers need onnxruntime, but {why}"
+            return
         try:
             names, references, candidates = _run_reference_evaluator(original, folded, batches)
         except Exception as error:  # noqa: BLE001 - the evaluator cannot run it either: say both
@@ -155,7 +165,7 @@ def compare_outputs(original, folded: onnx.ModelProto, result: Verification, con
         return
     output_types = {o.name: o.type.tensor_type.elem_type for o in folded.graph.output}
     for provider, runs in candidates.items():
-        suffix = "" if provider == "CPUExecutionProvider" else f"@{provider}"
+        suffix = f"@{provider}" if provider else ""
         for position, name in enumerate(names):
             default_rtol, default_atol = default_tolerance(output_types.get(name, 0))
             atol = default_atol if config.atol is None else config.atol
@@ -164,7 +174,7 @@ def compare_outputs(original, folded: onnx.ModelProto, result: Verification, con
                       for ref, got in zip(references, runs)]
             result.outputs.append(merge_checks(checks))
     result.runtime_status = "passed" if all(o.passed for o in result.outputs) else "failed"
-    _save_arrays(config, batches, names, references, candidates["CPUExecutionProvider"])
+    _save_arrays(config, batches, names, references, candidates[""])
 
 
 def _run_onnxruntime(original, folded, batches, config: RunConfig, defaulted, result: Verification):
@@ -179,31 +189,32 @@ def _run_onnxruntime(original, folded, batches, config: RunConfig, defaulted, re
         try:
             references = [reference_session.run(None, feeds) for feeds in batches]
         except Exception as error:  # noqa: BLE001
-            _raise_for_shapes(config, defaulted, result, error)
-            raise _CannotRun(f"onnxruntime cannot run the original model: {_line(error)}") from None
+            _raise_for_shapes(config, error)
+            hint = ""
+            if defaulted:  # maybe the shapes chosen for symbolic dims are what the model cannot take
+                name, dims = next(iter(defaulted.items()))
+                hint = (f" on default input shapes {result.input_shapes} (symbolic dims of '{name}': {', '.join(dims)};"
+                        f" choose them with --input-shape {name}:D0,D1,...)")
+            raise _CannotRun(f"onnxruntime cannot run the original model{hint}: {_line(error)}") from None
         del reference_session
-        candidates: dict[str, list] = {}
-        for provider in ["CPUExecutionProvider", *config.providers]:
+        candidates: dict[str, list] = {}  # "" is the CPU comparison every run makes
+        for label, provider in [("", "CPUExecutionProvider"), *((p, p) for p in config.providers)]:
             try:
                 candidate_session = session(folded, folder, provider)
-                candidates[provider] = [candidate_session.run(names, feeds) for feeds in batches]
+                candidates[label] = [candidate_session.run(names, feeds) for feeds in batches]
             except Exception as error:  # noqa: BLE001
                 raise RuntimeError(f"failed: onnxruntime ({provider}) cannot run the folded model: "
                                    f"{_line(error)}") from None
     return names, references, candidates
 
 
-def _raise_for_shapes(config: RunConfig, defaulted: dict, result: Verification, error: Exception) -> None:
-    """Shapes the user gave, or defaults for symbolic dims, that onnxruntime rejects are bad input."""
+def _raise_for_shapes(config: RunConfig, error: Exception) -> None:
+    """Arrays or shapes the user gave that onnxruntime rejects are bad input (exit 2)."""
+    if config.inputs is not None:
+        raise BadInputError(f"onnxruntime rejected the --inputs arrays: {_line(error)}") from None
     if config.input_shapes:
         raise BadInputError(f"onnxruntime rejected the --input-shape values {config.input_shapes}: "
                             f"{_line(error)}") from None
-    if defaulted:
-        name, dims = next(iter(defaulted.items()))
-        raise BadInputError(
-            f"onnxruntime rejected the default shape {result.input_shapes[name]} for input '{name}' "
-            f"(symbolic dims: {', '.join(dims)}): pass --input-shape {name}:D0,D1,... ({_line(error)})"
-        ) from None
 
 
 def _run_reference_evaluator(original, folded: onnx.ModelProto, batches):
@@ -213,7 +224,7 @@ def _run_reference_evaluator(original, folded: onnx.ModelProto, batches):
     names = [o.name for o in model.graph.output]
     references = [ReferenceEvaluator(model).run(None, feeds) for feeds in batches]
     candidate = ReferenceEvaluator(folded)
-    return names, references, {"CPUExecutionProvider": [candidate.run(names, feeds) for feeds in batches]}
+    return names, references, {"": [candidate.run(names, feeds) for feeds in batches]}
 
 
 def merge_checks(checks: list[OutputCheck]) -> OutputCheck:
@@ -228,13 +239,18 @@ def _save_arrays(config: RunConfig, batches, names, references, candidates) -> N
     """--save-inputs / --save-outputs: npz files that reproduce a failure (samples stacked on axis 0)."""
     try:
         if config.save_inputs:
-            np.savez(config.save_inputs, **{k: np.stack([b[k] for b in batches]) for k in batches[0]})
+            _savez(config.save_inputs, {k: np.stack([b[k] for b in batches]) for k in batches[0]})
         if config.save_outputs:
             arrays = {f"reference/{n}": np.stack([r[i] for r in references]) for i, n in enumerate(names)}
             arrays.update({f"folded/{n}": np.stack([c[i] for c in candidates]) for i, n in enumerate(names)})
-            np.savez(config.save_outputs, **arrays)
+            _savez(config.save_outputs, arrays)
     except OSError as error:
         raise BadInputError(f"cannot write arrays: {error}") from None
+
+
+def _savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:  # a file object: numpy would otherwise append ".npz" to the name
+        np.savez(handle, **arrays)
 
 
 def _available() -> list[str]:

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import GraphBuilder
 from click.testing import CliRunner, Result
 from onnx import helper
+from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
 
 import bnfold
 from bnfold.cli import main
-from builders import GraphBuilder
-from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "sample_models"
@@ -210,7 +210,8 @@ def test_check_verify_clean_model_exits_0(tmp_path):
     assert json.loads(result.stdout)["verification"]["passed"] is True
 
 
-def test_check_verify_reports_a_wrong_fold(tmp_path, drop_epsilon):
+@pytest.mark.usefixtures("drop_epsilon")
+def test_check_verify_reports_a_wrong_fold(tmp_path):
     model = copy_sample(tmp_path, "mlp_bn1d.onnx")
     before = tree(tmp_path)
     result = invoke(["check", "--verify", model, "--json"])
@@ -462,7 +463,8 @@ def test_parallel_and_serial_runs_write_identical_files(tmp_path):
     assert len(tree(tmp_path / "serial")) == 3
 
 
-def test_worst_exit_code_with_a_failed_verification(tmp_path, drop_epsilon):
+@pytest.mark.usefixtures("drop_epsilon")
+def test_worst_exit_code_with_a_failed_verification(tmp_path):
     """One model fails verification (1), one is fine (0): the run exits 1, the good one is written.
     (The patch breaks every BN fold, so the good model is one without BN.)"""
     copy_sample(tmp_path / "in", "mlp_bn1d.onnx")

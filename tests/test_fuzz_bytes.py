@@ -8,6 +8,9 @@ truncation plus flips. The CLI runs in-process through click's CliRunner; the co
 - the exit code is 0, 1 or 2 and no exception other than SystemExit escaped;
 - exit 2 (bad input) and exit 1 (verification failed) write nothing: no output, no temp file;
 - exit 2 prints a one-line `bnfold: error: ...` message and never a traceback;
+- no internal crash hides behind exit 2: the CLI catches every exception (bnfold/batch.py) and
+  reports it as "unexpected error: <type>: ...", so "no exception escaped" is checked as "no
+  'unexpected error'" (the same inputs make `bnfold.fold(path)` raise a raw ValueError/KeyError);
 - exit 0 writes an output that onnx can load and check.
 
 A few mutants also run as real subprocesses (`python -m bnfold`), where "Traceback" must not
@@ -26,8 +29,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import GraphBuilder
 from click.testing import CliRunner
+from onnx import helper
 
+import bnfold
 from bnfold.cli import main
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -37,7 +43,6 @@ MODELS = [
     ("convtranspose_decoder.onnx", 2), ("grouped_depthwise.onnx", 2), ("fp16_cnn.onnx", 1), ("no_bn.onnx", 1),
 ]
 N_MUTANTS = int(os.environ.get("BNFOLD_FUZZ_MUTANTS") or 200)
-N_SUBPROCESS = 5
 MUTATIONS = ["truncate", "field", "flip", "field", "flip_structure", "field", "set_structure", "field",
              "insert_delete", "truncate_flip"]
 
@@ -168,6 +173,7 @@ def _write_mutant(tmp_path: Path, model_file: str, seed: int) -> tuple[Path, Pat
 def _check_outcome(code: int, stderr: str, tmp_path: Path, source: Path, out: Path, what: str) -> None:
     assert code in (0, 1, 2), f"{what}: exit code {code}\n{stderr}"
     assert "Traceback" not in stderr, f"{what}: traceback on stderr\n{stderr}"
+    assert "unexpected error" not in stderr, f"{what}: internal error\n{stderr}"
     leftovers = sorted(p.name for p in tmp_path.iterdir() if p not in (source, out))
     assert not leftovers, f"{what}: files left behind: {leftovers}"
     if code == 0:
@@ -190,11 +196,18 @@ def test_cli_survives_mutant(tmp_path: Path, model_file: str, seed: int) -> None
     _check_outcome(result.exit_code, result.stderr, tmp_path, source, out, what)
 
 
-@pytest.mark.parametrize("model_file,seed", _schedule(N_MUTANTS)[:N_SUBPROCESS], ids=lambda v: str(v))
+# One mutant of each model/mutation kind pair below; the flipped resnet_tiny weights fold, verify and
+# are written (exit 0), so the whole path runs in a real process at least once.
+SUBPROCESS_MUTANTS = [("resnet_tiny.onnx", 2), ("mlp_bn1d.onnx", 1), ("conv_mul_add.onnx", 10),
+                      ("bn_first.onnx", 6), ("convtranspose_decoder.onnx", 8)]
+
+
+@pytest.mark.parametrize("model_file,seed", SUBPROCESS_MUTANTS, ids=lambda v: str(v))
 def test_cli_subprocess_survives_mutant(tmp_path: Path, model_file: str, seed: int) -> None:
     source, out, what = _write_mutant(tmp_path, model_file, seed)
     process = subprocess.run([sys.executable, "-m", "bnfold", "fold", str(source), "-o", str(out)],
                              capture_output=True, text=True, timeout=300)
+    print(what, "->", process.returncode, process.stderr.strip()[-300:])
     _check_outcome(process.returncode, process.stderr, tmp_path, source, out, what)
 
 
@@ -218,3 +231,93 @@ def test_cli_rejects_crafted_input(tmp_path: Path, name: str) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert result.exit_code == 2, result.output
     _check_outcome(result.exit_code, result.stderr, tmp_path, source, out, name)
+
+
+# --- regression tests for what the mutants found -----------------------------------------------------
+
+
+def _conv_bn(batch="N") -> onnx.ModelProto:
+    g = GraphBuilder(np.random.default_rng(5))
+    x = g.input("x", [batch, 4, 8, 8])
+    return g.model([g.bn(g.conv(x, 4, 4, kernel=3, pads=[1, 1, 1, 1]), 4)])
+
+
+def _corrupt_tensor(how: str) -> onnx.ModelProto:
+    """A tensor whose bytes do not match its declared dims / type: the (skeleton) checker accepts it."""
+    model = _conv_bn()
+    var = next(t for t in model.graph.initializer if t.name.startswith("var"))
+    weight = next(t for t in model.graph.initializer if t.name.startswith("w"))
+    if how == "dims_smaller_than_data":  # 4 floats of raw data, dims [2]
+        var.dims[:] = [2]
+    elif how == "unknown_data_type":  # data_type 33 is no TensorProto.DataType
+        var.data_type = 33
+    elif how == "narrower_data_type":  # FLOAT -> FLOAT16: twice as many elements as dims say
+        weight.data_type = onnx.TensorProto.FLOAT16
+    return model
+
+
+@pytest.mark.parametrize("how", ["dims_smaller_than_data", "unknown_data_type", "narrower_data_type"])
+def test_regression_tensor_data_not_matching_dims_is_bad_input(tmp_path: Path, how: str) -> None:
+    """Found by `field` mutants (a flipped bit in an initializer's data_type or dims).
+
+    The loader accepts the model; GraphIndex.constant -> tensor_values -> numpy_helper.to_array
+    then raises ValueError ("cannot reshape array of size 4 into shape (2,)") or KeyError (33).
+    The CLI turns it into "unexpected error: ValueError: ..." (exit 2), the API raises it raw.
+    Expected: BadInputError naming the tensor, like the "raw_data size is too small" case.
+    """
+    source, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
+    onnx.save(_corrupt_tensor(how), str(source))
+    with pytest.raises(bnfold.BadInputError):
+        bnfold.fold(source, verify=False)
+    result = CliRunner().invoke(main, ["fold", str(source), "-o", str(out)])
+    _check_outcome(result.exit_code, result.stderr, tmp_path, source, out, how)
+    assert result.exit_code == 2
+
+
+def _unrunnable(batch) -> onnx.ModelProto:
+    """A Conv whose kernel_shape attribute contradicts its 3x3 weight: the onnx checker (without
+    shape inference) accepts it, onnxruntime cannot run it whatever the input shape."""
+    model = _conv_bn(batch)
+    conv = model.graph.node[0]
+    for attr in [a for a in conv.attribute if a.name == "kernel_shape"]:
+        conv.attribute.remove(attr)
+    conv.attribute.append(helper.make_attribute("kernel_shape", [5, 5]))
+    return model
+
+
+def test_regression_unrunnable_original_is_not_blamed_on_the_input_shape(tmp_path: Path) -> None:
+    """Found by `field` mutants of attribute ints (kernel_shape, group).
+
+    With a symbolic batch dim, bnfold says "onnxruntime rejected the default shape [2, 4, 8, 8]
+    ... pass --input-shape" (exit 2), though the model cannot run with any shape; the same model
+    with a static batch dim exits 1 ("verification failed"). Expected: one outcome for both, and no
+    advice to change a shape that is not the problem.
+    """
+    codes = {}
+    for batch in ("N", 2):
+        source, out = tmp_path / f"model_{batch}.onnx", tmp_path / f"out_{batch}.onnx"
+        onnx.save(_unrunnable(batch), str(source))
+        result = CliRunner().invoke(main, ["fold", str(source), "-o", str(out)])
+        assert result.exit_code in (1, 2) and not out.exists()
+        assert "rejected the default shape" not in result.stderr, result.stderr
+        codes[batch] = result.exit_code
+    assert codes["N"] == codes[2], codes
+
+
+def test_regression_node_name_not_utf8(tmp_path: Path) -> None:
+    """Found by a `set_structure` mutant (grouped_depthwise.onnx seed 1216: one byte of a node name).
+
+    A proto2 string that is not valid UTF-8 comes back from protobuf as `bytes`; the onnx checker
+    does not look at node names. bnfold folds, WRITES the output, then render.to_text crashes
+    (`', '.join(record.into)`: TypeError, bytes found) with a traceback and exit 1 — an exit code
+    that promises nothing was written. (--json prints the name as "b'conv.\\x84QQ'".)
+    """
+    model = _conv_bn()
+    model.graph.node[0].name = "conv.QQQ"
+    data = model.SerializeToString()
+    assert data.count(b"conv.QQQ") == 1
+    source, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
+    source.write_bytes(data.replace(b"conv.QQQ", b"conv.\x84QQ"))
+    result = CliRunner().invoke(main, ["fold", str(source), "-o", str(out)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    _check_outcome(result.exit_code, result.stderr, tmp_path, source, out, "node name not UTF-8")

@@ -46,7 +46,7 @@ from bnfold.report import Reason
 
 FUZZ_EXAMPLES = int(os.environ.get("BNFOLD_FUZZ_EXAMPLES") or max(50, settings.default.max_examples))
 
-MAX_STEPS = 5  # a step adds one op or a block (a layer, up to two affine ops and a Relu)
+MAX_STEPS = 8  # a step adds one op or a block (a layer, up to two affine ops and a Relu)
 MAX_SPATIAL = 16  # ConvTranspose never grows H/W past this
 MAX_CHANNELS = 16  # Concat never grows C past this
 MAX_FEATURES = 256  # Flatten only when C*H*W is at most this

@@ -12,13 +12,13 @@ import pytest
 
 jsonschema = pytest.importorskip("jsonschema")
 
-from click.testing import CliRunner, Result  # noqa: E402
+from click.testing import CliRunner, Result
+from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
 
-from bnfold import render  # noqa: E402
-from bnfold.batch import JobResult  # noqa: E402
-from bnfold.cli import main  # noqa: E402
-from bnfold.report import OutputCheck, Reason, Report, SkippedRecord, TensorCheck, Verification  # noqa: E402
-from test_cli import drop_epsilon  # noqa: E402, F401 - pytest fixture, reused
+from bnfold import render
+from bnfold.batch import JobResult
+from bnfold.cli import main
+from bnfold.report import OutputCheck, Reason, Report, SkippedRecord, TensorCheck, Verification
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "sample_models"
@@ -151,7 +151,8 @@ def test_multi_model_fold(tmp_path):
     assert all(m["exit_code"] == 0 and m["output_path"] for m in data["models"])
 
 
-def test_failed_verification(tmp_path, drop_epsilon):
+@pytest.mark.usefixtures("drop_epsilon")
+def test_failed_verification(tmp_path):
     model = copy_sample(tmp_path, "mlp_bn1d.onnx")
     data = run_json([model, "-o", tmp_path / "out.onnx"], 1)
     assert data["passed"] is False and data["verification"]["passed"] is False
@@ -159,7 +160,8 @@ def test_failed_verification(tmp_path, drop_epsilon):
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_failed_verification_in_a_batch(tmp_path, drop_epsilon):
+@pytest.mark.usefixtures("drop_epsilon")
+def test_failed_verification_in_a_batch(tmp_path):
     folder = tmp_path / "models"
     copy_sample(folder, "mlp_bn1d.onnx")
     copy_sample(folder, "no_bn.onnx")

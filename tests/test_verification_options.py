@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import GraphBuilder
 from click.testing import CliRunner, Result
+from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
 
 from bnfold.cli import main
-from builders import GraphBuilder
-from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "sample_models"
@@ -348,7 +348,8 @@ def test_save_user_inputs_single_sample(tmp_path):
         np.testing.assert_array_equal(loaded["input"], array[None])
 
 
-def test_save_outputs_on_failed_verification(tmp_path, drop_epsilon):
+@pytest.mark.usefixtures("drop_epsilon")
+def test_save_outputs_on_failed_verification(tmp_path):
     """The dump exists to reproduce a failure: it is written even when verification fails."""
     model = copy_sample(tmp_path, "mlp_bn1d.onnx")
     saved_in, saved_out = tmp_path / "in.npz", tmp_path / "out.npz"
