@@ -12,7 +12,7 @@ Guarantees kept here:
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -24,7 +24,8 @@ from bnfold.report import FoldedRecord, SkippedRecord
 from bnfold.rules.affine_ops import AffineOp
 from bnfold.rules.chains import LayerPlan, MergePlan, compose, plan_pass
 from bnfold.rules.explain import explain_skipped
-from bnfold.rules.layers import build_nodes, fold_parameters
+from bnfold.fold_math import ChannelAffine
+from bnfold.rules.layers import Layer, build_nodes, fold_parameters
 from bnfold.shapes import infer_value_infos
 
 MAX_PASSES = 32
@@ -85,6 +86,7 @@ def fold_model(model: onnx.ModelProto, keep_provenance: bool = False) -> FoldOut
     folder = _Folder(model, opset, keep_provenance)
     with np.errstate(over="ignore"):  # a weight overflowing float16 becomes inf: verification says so
         folder.fold_graph(model.graph, "main", None)
+    folder.outcome.provenance = list(folder.provenance.values())
     return folder.outcome
 
 
@@ -96,6 +98,9 @@ class _Folder:
         self.names = NameRegistry(model)
         self._value_infos: dict[str, dict] | None = None
         self.orphaned: set[str] = set()
+        # Only kept with verification (they hold the original weights of folded layers).
+        self.origins: dict[tuple[str, str], _Origin] = {}
+        self.provenance: dict[tuple[str, str], Provenance] = {}
         self.outcome = FoldOutcome()
 
     @property
@@ -176,7 +181,13 @@ class _Folder:
         layer = plan.layer
         x_name = plan.pre[0].data_input if plan.pre else layer.data_input
         y_name = plan.post[-1].output if plan.post else layer.output
-        params = fold_parameters(layer, plan.pre_affine, plan.post_affine)
+        # A layer folded in an earlier pass is recomputed from its original parameters with the maps
+        # composed, so it is still rounded once (and checked against one provenance).
+        origin = self.origins.pop((scope, layer.output), None)
+        math_layer = origin.layer if origin else layer
+        pre = _then(plan.pre_affine, origin.pre if origin else None)
+        post = _then(origin.post if origin else None, plan.post_affine)
+        params = fold_parameters(math_layer, pre, post)
         position = index.producer[layer.output]
 
         def name_for(role: str, preferred: str) -> str:
@@ -186,8 +197,9 @@ class _Folder:
                 return preferred
             return self.names.fresh(f"{preferred}_bnfold" if role != "value" else preferred)
 
-        provenance = self._provenance(index, plan, scope) if self.keep_provenance else None
-        nodes, tensors = build_nodes(layer, params, x_name, y_name, name_for, self.opset)
+        provenance = self._provenance(index, plan, scope, origin) if self.keep_provenance else None
+        nodes, tensors = build_nodes(math_layer, params, x_name, y_name, name_for, self.opset,
+                                     preferred_names=list(layer.node.input))
         replaced[position] = nodes[0]
         if len(nodes) > 1:  # MatMul + Add: the Add takes the place of the chain's last node
             replaced[index.producer[plan.post[-1].output]] = nodes[1]
@@ -208,7 +220,8 @@ class _Folder:
         if provenance is not None:
             provenance.written = [n for n in nodes[0].input[1:]] + [n for n in nodes[1:2] for n in n.input[1:]]
             provenance.output = y_name
-            self.outcome.provenance.append(provenance)
+            self.provenance[(scope, y_name)] = provenance
+            self.origins[(scope, y_name)] = _Origin(replace(math_layer, node=_copy(math_layer.node)), pre, post)
 
     def _merge_chain(self, graph, index, merge: MergePlan, scope, replaced, removed, maybe_dead) -> None:
         chain = merge.chain
@@ -240,27 +253,38 @@ class _Folder:
             # IR < 4 requires every initializer of the main graph to be listed as an input too.
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
 
-    def _provenance(self, index: GraphIndex, plan: LayerPlan, scope: str) -> Provenance:
-        layer = plan.layer
+    def _provenance(self, index: GraphIndex, plan: LayerPlan, scope: str, origin: "_Origin | None") -> Provenance:
         constants: dict[str, np.ndarray] = {}
         for op in plan.pre + plan.post:
             for name in op.node.input:
                 value = index.constant(name) if name and name != op.data_input else None
                 if value is not None:
                     constants[name] = value
+        pre = [_copy(op.node) for op in plan.pre]
+        post = [_copy(op.node) for op in plan.post]
+        pre_rank = index.rank(plan.pre[0].data_input) if plan.pre else None
+        earlier = self.provenance.pop((scope, plan.layer.output), None) if origin else None
+        if earlier is not None:  # extend the first fold's record: same original layer, longer chains
+            return Provenance(scope, earlier.layer_node, earlier.layer_params, pre + earlier.pre, earlier.post + post,
+                              {**earlier.constants, **constants}, earlier.rank, pre_rank or earlier.pre_rank, [], "")
+        layer = plan.layer
         params = {n: index.constant(n) for n in layer.node.input[1:] if n}
-        return Provenance(
-            scope=scope,
-            layer_node=_copy(layer.node),
-            layer_params=params,
-            pre=[_copy(op.node) for op in plan.pre],
-            post=[_copy(op.node) for op in plan.post],
-            constants=constants,
-            rank=layer.output_rank,
-            pre_rank=index.rank(plan.pre[0].data_input) if plan.pre else None,
-            written=[],
-            output="",
-        )
+        return Provenance(scope, _copy(layer.node), params, pre, post, constants, layer.output_rank, pre_rank, [], "")
+
+
+@dataclass
+class _Origin:
+    """A folded layer's original parameters and the maps folded into it so far."""
+
+    layer: Layer  # with a copy of the original node: the graph's node is overwritten
+    pre: ChannelAffine | None
+    post: ChannelAffine | None
+
+
+def _then(first: ChannelAffine | None, second: ChannelAffine | None) -> ChannelAffine | None:
+    if first is None or second is None:
+        return first or second
+    return first.then(second)
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:

@@ -187,11 +187,15 @@ NameFor = Callable[[str, str], str]
 
 
 def build_nodes(
-    layer: Layer, params: FoldedParameters, x_name: str, y_name: str, name_for: NameFor, opset: int
+    layer: Layer, params: FoldedParameters, x_name: str, y_name: str, name_for: NameFor, opset: int,
+    preferred_names: list[str] | None = None,
 ) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
-    """The node(s) replacing `layer`, reading `x_name` and producing `y_name`, and their tensors."""
+    """The node(s) replacing `layer`, reading `x_name` and producing `y_name`, and their tensors.
+    `preferred_names`: the inputs of the node in the graph now (it may differ from `layer.node` when
+    the layer was already folded once)."""
+    current = preferred_names or list(layer.node.input)
     dtype = layer.weight.dtype
-    tensors = {name_for("weight", layer.node.input[1]): fold_math.round_to_dtype(params.weight, dtype)}
+    tensors = {name_for("weight", current[1]): fold_math.round_to_dtype(params.weight, dtype)}
     weight_name = next(iter(tensors))
     node = onnx.NodeProto()
     node.CopyFrom(layer.node)
@@ -201,7 +205,7 @@ def build_nodes(
     if params.bias is None:
         node.input.extend([x_name, weight_name])
         return [node], tensors
-    bias_name = name_for("bias", layer.node.input[2] if layer.bias is not None else f"{weight_name}_bias")
+    bias_name = name_for("bias", current[2] if len(current) > 2 and current[2] else f"{weight_name}_bias")
     tensors[bias_name] = fold_math.round_to_dtype(params.bias, dtype)
     if layer.kind in ("Conv", "ConvTranspose"):
         node.input.extend([x_name, weight_name, bias_name])
