@@ -19,12 +19,12 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold import fold_math
+from bnfold.fold_math import ChannelAffine
 from bnfold.graph import CONSTANT_FOLDABLE_OPS, GraphIndex, names_used_inside, scoped_subgraphs, subgraphs_of
 from bnfold.report import FoldedRecord, SkippedRecord
 from bnfold.rules.affine_ops import AffineOp
 from bnfold.rules.chains import LayerPlan, MergePlan, compose, plan_pass
 from bnfold.rules.explain import explain_skipped
-from bnfold.fold_math import ChannelAffine
 from bnfold.rules.layers import Layer, build_nodes, fold_parameters
 from bnfold.shapes import infer_value_infos
 
@@ -253,7 +253,7 @@ class _Folder:
             # IR < 4 requires every initializer of the main graph to be listed as an input too.
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
 
-    def _provenance(self, index: GraphIndex, plan: LayerPlan, scope: str, origin: "_Origin | None") -> Provenance:
+    def _provenance(self, index: GraphIndex, plan: LayerPlan, scope: str, origin: _Origin | None) -> Provenance:
         constants: dict[str, np.ndarray] = {}
         for op in plan.pre + plan.post:
             for name in op.node.input:

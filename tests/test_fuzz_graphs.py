@@ -37,8 +37,8 @@ import onnx
 import pytest
 from builders import GraphBuilder, random_feeds, run
 from hypothesis import assume, example, given, note, settings
-from hypothesis.errors import InvalidArgument
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 from onnx import helper, numpy_helper
 
 import bnfold
