@@ -15,6 +15,7 @@ from bnfold.model_io import check_structure, check_supported, load_model, save_m
 from bnfold.report import Reason, Report, Verification, op_counts
 from bnfold.rewrite import fold_model
 from bnfold.runtime import RunConfig
+from bnfold.tensors import TensorStore
 from bnfold.verify import verify as _verify
 
 ModelSource = onnx.ModelProto | str | os.PathLike
@@ -22,34 +23,46 @@ ModelSource = onnx.ModelProto | str | os.PathLike
 
 @dataclass
 class FoldResult:
-    """A folded model (a new ModelProto: the input is never mutated) and what was done to it."""
+    """A folded model (a new ModelProto: the input is never mutated) and what was done to it.
 
-    model: onnx.ModelProto
+    Folded weights stay in numpy (and an external-data input's weights in its files) until they
+    are needed: `save` streams them to disk; `model` puts them into the proto on first access.
+    """
+
+    _model: onnx.ModelProto
     report: Report
     external_data: bool = False  # save with external data (the input had it)
     protected_files: set[Path] = field(default_factory=set)  # the input's data files
+    store: TensorStore = field(default_factory=TensorStore)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The folded model as a self-contained ModelProto (every tensor's data inside it)."""
+        self.store.materialize(self._model)
+        return self._model
 
     def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
         """Write atomically; external data goes to a fresh `<path>.data`, never the input's file."""
         use_external = self.external_data if external_data is None else external_data
-        saved = save_model_atomic(self.model, path, use_external, self.protected_files)
+        saved = save_model_atomic(self._model, path, use_external, self.protected_files, self.store)
         self.report.output_path = str(saved)
         return saved
 
 
-def _open(model: ModelSource) -> tuple[onnx.ModelProto, ModelSource, Path | None, set[Path]]:
-    """A model bnfold may edit, the untouched original for verification, its path, its data files."""
+def _open(model: ModelSource) -> tuple[onnx.ModelProto, ModelSource, Path | None, set[Path], TensorStore]:
+    """A model bnfold may edit, the untouched original for verification, its path, its data files,
+    and the store that reads its tensors."""
     if isinstance(model, onnx.ModelProto):
         check_supported(model, "model")
         check_structure(model, "model")
         working = onnx.ModelProto()
         working.CopyFrom(model)
-        return working, model, None, set()
+        return working, model, None, set(), TensorStore()
     if not isinstance(model, (str, os.PathLike)):
         raise BadInputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
     loaded = load_model(model)
     # The loaded copy is ours to edit; onnxruntime reads the original from its file.
-    return loaded.model, loaded.path, loaded.path, loaded.external_files
+    return loaded.model, loaded.path, loaded.path, loaded.external_files, loaded.store
 
 
 def fold(
@@ -73,16 +86,16 @@ def fold(
     onnxruntime with optimizations off); a failed check raises `VerificationError` carrying the
     report, unless `raise_on_failure=False`, in which case `result.report.passed` is False.
     """
-    working, original, path, protected = _open(model)
+    working, original, path, protected, store = _open(model)
     report = Report(input_path=None if path is None else str(path), ops_before=op_counts(working))
-    outcome = fold_model(working, keep_provenance=verify)
+    outcome = fold_model(working, keep_provenance=verify, store=store)
     report.folded, report.skipped, report.passes = outcome.folded, outcome.skipped, outcome.passes
     report.ops_after = op_counts(working)
-    result = FoldResult(working, report, external_data=bool(protected), protected_files=protected)
+    result = FoldResult(working, report, external_data=bool(protected), protected_files=protected, store=store)
     if verify:
         config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, list(providers),
                            save_inputs, save_outputs)
-        report.verification = _verify(original, working, provenance=outcome.provenance, config=config)
+        report.verification = _verify(original, working, provenance=outcome.provenance, config=config, store=store)
         if raise_on_failure and not report.verification.passed:
             raise VerificationError("verification failed: " + "; ".join(report.verification.failures()), report)
     return result
@@ -99,11 +112,15 @@ def verify(
 ) -> Verification:
     """Compare any two models with the same inputs and outputs (checker + onnxruntime, optimizations
     off). Raises `VerificationError` when they differ; returns the per-output numbers otherwise."""
-    folded_model = folded if isinstance(folded, onnx.ModelProto) else load_model(folded).model
+    if isinstance(folded, onnx.ModelProto):
+        folded_model, store = folded, TensorStore()
+    else:
+        loaded = load_model(folded)
+        folded_model, store = loaded.model, loaded.store
     if not isinstance(original, onnx.ModelProto):
         original = load_model(original).path
     config = RunConfig(seed, dict(input_shapes or {}), atol, rtol)
-    result = _verify(original, folded_model, config=config)
+    result = _verify(original, folded_model, config=config, store=store)
     if not result.passed:
         report = Report(verification=result)
         raise VerificationError("verification failed: " + "; ".join(result.failures()), report)

@@ -11,12 +11,16 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BadInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bnfold.tensors import TensorStore
 
 # Ops whose output is constant when all their inputs are; evaluated with onnx's reference evaluator.
 CONSTANT_FOLDABLE_OPS = frozenset(
@@ -113,8 +117,10 @@ class GraphIndex:
         value_infos: dict[str, ValueInfo] | Callable[[], dict[str, ValueInfo]] | None = None,
         outer: GraphIndex | None = None,
         is_main_graph: bool = True,
+        store: TensorStore | None = None,
     ) -> None:
         self.graph = graph
+        self.store = store
         self.ir_version = ir_version
         self.opset = opset
         self.outer = outer
@@ -189,6 +195,10 @@ class GraphIndex:
 
     # --- constants -----------------------------------------------------------------------------
 
+    def read(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """A tensor's values: through the store when data may live outside the proto."""
+        return self.store.read(tensor) if self.store is not None else tensor_values(tensor)
+
     def is_initializer(self, name: str) -> bool:
         if name in self.initializers:
             return name not in self.overridable
@@ -202,7 +212,7 @@ class GraphIndex:
             return None
         if name in self.initializers:
             # Not cached: holding every weight here would keep a second copy of the model alive.
-            return None if name in self.overridable else tensor_values(self.initializers[name])
+            return None if name in self.overridable else self.read(self.initializers[name])
         if name not in self._constants:
             self._constants[name] = self._evaluate_constant(name, MAX_CONSTANT_SUBGRAPH_NODES)
         return self._constants[name]
@@ -211,7 +221,7 @@ class GraphIndex:
         if name in self.initializers:
             if name in self.overridable:
                 return None
-            return tensor_values(self.initializers[name])
+            return self.read(self.initializers[name])
         node = self.producer_of(name)
         if node is None:
             if name in self.graph_inputs or self.outer is None:

@@ -16,7 +16,8 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from bnfold.errors import BadInputError
-from bnfold.serialize import estimated_size, write_model
+from bnfold.serialize import DataFile, estimated_size, raw_size, write_model
+from bnfold.tensors import TensorStore
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
 PROTOBUF_LIMIT = 2**31 - 1
@@ -32,6 +33,7 @@ class LoadedModel:
     model: onnx.ModelProto
     path: Path
     external_files: set[Path]  # data files the input reads (never written by bnfold)
+    store: TensorStore  # reads them, and holds folded tensors until they are written
 
     @property
     def uses_external_data(self) -> bool:
@@ -66,14 +68,11 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     missing = sorted(str(p) for p in external if not p.is_file())
     if missing:
         raise BadInputError(f"{path}: external data file missing: {missing[0]}")
-    if external:
-        try:
-            external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError) as error:
-            raise BadInputError(f"{path}: cannot read external data ({_first_line(error)})") from None
+    # External data stays in its files: tensors are read when a rule needs them, and streamed from
+    # there when the result is written (bnfold.tensors).
     check_supported(model, str(path))
     check_structure(model, str(path))
-    return LoadedModel(model, path, external)
+    return LoadedModel(model, path, external, TensorStore(path.parent))
 
 
 def check_supported(model: onnx.ModelProto, label: str) -> None:
@@ -142,35 +141,39 @@ def _external_files(model: onnx.ModelProto, base: Path) -> set[Path]:
 
 def save_model_atomic(
     model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False,
-    protected: set[Path] | None = None,
+    protected: set[Path] | None = None, store: TensorStore | None = None,
 ) -> Path:
     """Write `model` to `path` so that a crash leaves either the old file or the complete new one.
 
     With `external_data` (forced above the 2 GB protobuf limit) tensors go to a *fresh* file
     `<name>.data` beside it (never appended to, never one of the `protected` input data files).
+    Tensor data is streamed (from `store` for deferred tensors), never copied in memory whole.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise BadInputError(f"{path}: output folder {folder} does not exist")
-    external_data = external_data or estimated_size(model) > EXTERNAL_ABOVE_BYTES
+    external_data = external_data or _total_bytes(model, store) > EXTERNAL_ABOVE_BYTES
     data_path = path.with_name(path.name + ".data") if external_data else None
     if data_path is not None and protected and data_path.resolve() in protected:
         data_path = path.with_name(path.name + ".folded.data")
     temp_files: list[str] = []
     try:
-        serialized_model = _serialize(model, data_path, folder, temp_files)
-        fd, temp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        temp_files.append(temp_model)
-        with os.fdopen(fd, "wb") as handle:
-            if serialized_model is None:
-                write_model(model, handle)
+        temp_model = _temp_file(folder, path.name, temp_files)
+        with open(temp_model, "wb") as handle:
+            if data_path is None:
+                write_model(model, handle, store)
             else:
-                handle.write(serialized_model)
+                temp_data = _temp_file(folder, data_path.name, temp_files)
+                with open(temp_data, "wb") as data_handle:
+                    write_model(model, handle, store, DataFile(data_handle, data_path.name,
+                                                                EXTERNAL_THRESHOLD_BYTES, EXTERNAL_ALIGNMENT))
+                    data_handle.flush()
+                    os.fsync(data_handle.fileno())
             handle.flush()
             os.fsync(handle.fileno())
         if data_path is not None:
-            os.replace(temp_files[0], data_path)
+            os.replace(temp_files[1], data_path)
         os.replace(temp_model, path)
         _fsync_dir(folder)
     except OSError as error:
@@ -184,46 +187,21 @@ def save_model_atomic(
     return path
 
 
-def _serialize(model: onnx.ModelProto, data_path: Path | None, folder: Path, temp_files: list[str]) -> bytes | None:
-    """With a data path: the model's bytes, big tensors streamed to a temporary data file and
-    referenced from the serialized model without altering `model` itself. Without: None (the
-    model is streamed straight to its file by `write_model`)."""
-    if data_path is None:
-        return None
-    fd, temp_data = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=folder)
-    temp_files.append(temp_data)
-    moved: list[tuple[onnx.TensorProto, int, int, bool]] = []
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for tensor in external_data_helper._get_all_tensors(model):
-                if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_THRESHOLD_BYTES:
-                    continue
-                offset = (handle.tell() + EXTERNAL_ALIGNMENT - 1) // EXTERNAL_ALIGNMENT * EXTERNAL_ALIGNMENT
-                handle.seek(offset)
-                raw = tensor.raw_data
-                handle.write(raw)
-                moved.append((tensor, offset, len(raw), tensor.HasField("data_location")))
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
-                del raw
-            handle.flush()
-            os.fsync(handle.fileno())
-        return model.SerializeToString()
-    finally:
-        # Put the weights back, one tensor at a time from the file just written, so the caller's
-        # model stays usable without ever holding a second copy of all weights.
-        with open(temp_data, "rb") as handle:
-            for tensor, offset, length, had_location in moved:
-                handle.seek(offset)
-                tensor.ClearField("external_data")
-                if had_location:
-                    tensor.data_location = onnx.TensorProto.DEFAULT
-                else:
-                    tensor.ClearField("data_location")
-                tensor.raw_data = handle.read(length)
+def _temp_file(folder: Path, name: str, temp_files: list[str]) -> str:
+    """A hidden temporary file in `folder` with the permissions a plain new file would get."""
+    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    temp_files.append(temp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; an output file should look like any other
+    return temp
+
+
+def _total_bytes(model: onnx.ModelProto, store: TensorStore | None) -> int:
+    if store is None:
+        return estimated_size(model)
+    return sum(store.byte_length(t) if store.is_deferred(t) else raw_size(t) for t in model.graph.initializer)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -27,6 +27,7 @@ from bnfold.rules.chains import LayerPlan, MergePlan, compose, plan_pass
 from bnfold.rules.explain import explain_skipped
 from bnfold.rules.layers import Layer, build_nodes, fold_parameters
 from bnfold.shapes import infer_value_infos
+from bnfold.tensors import TensorStore
 
 MAX_PASSES = 32
 
@@ -80,10 +81,11 @@ class NameRegistry:
         return name
 
 
-def fold_model(model: onnx.ModelProto, keep_provenance: bool = False) -> FoldOutcome:
-    """Fold every foldable affine chain of `model` in place (the caller owns `model`)."""
+def fold_model(model: onnx.ModelProto, keep_provenance: bool = False, store: TensorStore | None = None) -> FoldOutcome:
+    """Fold every foldable affine chain of `model` in place (the caller owns `model`). New tensor
+    data goes to `store` (see `bnfold.tensors`); without one, it is written into the proto."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    folder = _Folder(model, opset, keep_provenance)
+    folder = _Folder(model, opset, keep_provenance, store)
     with np.errstate(over="ignore"):  # a weight overflowing float16 becomes inf: verification says so
         folder.fold_graph(model.graph, "main", None)
     folder.outcome.provenance = list(folder.provenance.values())
@@ -91,8 +93,9 @@ def fold_model(model: onnx.ModelProto, keep_provenance: bool = False) -> FoldOut
 
 
 class _Folder:
-    def __init__(self, model: onnx.ModelProto, opset: int, keep_provenance: bool) -> None:
+    def __init__(self, model: onnx.ModelProto, opset: int, keep_provenance: bool, store: TensorStore | None) -> None:
         self.model = model
+        self.store = store
         self.opset = opset
         self.keep_provenance = keep_provenance
         self.names = NameRegistry(model)
@@ -114,7 +117,8 @@ class _Folder:
         infos = lambda: self.value_infos.get(scope, {})
 
         def build_index() -> GraphIndex:
-            return GraphIndex(graph, self.model.ir_version, self.opset, infos, outer, is_main_graph=outer is None)
+            return GraphIndex(graph, self.model.ir_version, self.opset, infos, outer, is_main_graph=outer is None,
+                              store=self.store)
 
         index = build_index()
         for _ in range(MAX_PASSES):
@@ -204,11 +208,10 @@ class _Folder:
         if len(nodes) > 1:  # MatMul + Add: the Add takes the place of the chain's last node
             replaced[index.producer[plan.post[-1].output]] = nodes[1]
         for name, values in tensors.items():
-            tensor = numpy_helper.from_array(values, name)
             if name in index.initializers:
-                index.initializers[name].CopyFrom(tensor)
+                self._assign(index.initializers[name], values)
             else:
-                self._add_initializer(graph, index, tensor)
+                self._add_initializer(graph, index, self._new_tensor(name, values))
         maybe_dead.update(i for i in layer.node.input[1:] if i and i not in tensors)
         for op in plan.pre + plan.post:
             maybe_dead.update(op.node.input[1:] if op.node.op_type == "BatchNormalization" else op.node.input)
@@ -227,14 +230,12 @@ class _Folder:
         chain = merge.chain
         first_bn = next(op for op in chain if op.node.op_type == "BatchNormalization")
         affine = compose(chain).expanded(max(op.affine.channels for op in chain))
-        scale_type = index.initializers.get(first_bn.node.input[1])
-        dtype = numpy_helper.to_array(scale_type).dtype if scale_type is not None else \
-            index.constant(first_bn.node.input[1]).dtype
+        dtype = index.constant(first_bn.node.input[1]).dtype
         base = first_bn.node.name or first_bn.output
         names = [self.names.fresh(f"{base}_bnfold_{role}") for role in ("scale", "bias", "mean", "var")]
         values = [affine.scale, affine.shift, np.zeros_like(affine.scale), np.ones_like(affine.scale)]
         for name, value in zip(names, values):
-            self._add_initializer(graph, index, numpy_helper.from_array(fold_math.round_to_dtype(value, dtype), name))
+            self._add_initializer(graph, index, self._new_tensor(name, fold_math.round_to_dtype(value, dtype)))
         # mean 0, var 1, epsilon 0: the BN computes exactly x * scale + bias.
         merged = onnx.helper.make_node("BatchNormalization", [chain[0].data_input, *names], [chain[-1].output],
                                        name=first_bn.node.name, epsilon=0.0)
@@ -246,6 +247,15 @@ class _Folder:
         for op in chain:
             if op is not first_bn:
                 self.outcome.folded.append(_record(op, [first_bn.node.name or chain[-1].output], "merged", scope))
+
+    def _assign(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+        if self.store is not None:
+            self.store.assign(tensor, values)
+        else:
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+
+    def _new_tensor(self, name: str, values: np.ndarray) -> onnx.TensorProto:
+        return self.store.create(name, values) if self.store is not None else numpy_helper.from_array(values, name)
 
     def _add_initializer(self, graph: onnx.GraphProto, index: GraphIndex, tensor: onnx.TensorProto) -> None:
         graph.initializer.append(tensor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -13,7 +14,8 @@ import onnx
 from bnfold.errors import BadInputError
 from bnfold.model_io import EXTERNAL_ABOVE_BYTES, save_model_atomic
 from bnfold.report import OutputCheck, Verification
-from bnfold.serialize import estimated_size
+from bnfold.serialize import estimated_size, write_model
+from bnfold.tensors import TensorStore
 
 # Default output tolerances per element type: (rtol, atol).
 TOLERANCES = {
@@ -27,20 +29,24 @@ DEFAULT_BATCH = 2
 DEFAULT_DIM = 32
 
 
-def session(model: onnx.ModelProto | str | os.PathLike, folder: str, provider: str = "CPUExecutionProvider"):
-    """An onnxruntime session with every graph optimization switched off."""
+def session(model: onnx.ModelProto | str | os.PathLike, folder: str, provider: str = "CPUExecutionProvider",
+            store: TensorStore | None = None):
+    """An onnxruntime session with every graph optimization switched off. A model whose tensors
+    are partly outside the proto (or above 2 GB) is streamed to `folder` and loaded from there."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     if isinstance(model, onnx.ModelProto):
-        if estimated_size(model) > EXTERNAL_ABOVE_BYTES:
+        if estimated_size(model) > EXTERNAL_ABOVE_BYTES:  # cannot be one protobuf: via the disk
             path = Path(folder) / f"model{len(os.listdir(folder))}.onnx"
-            save_model_atomic(model, path, external_data=True)
+            save_model_atomic(model, path, external_data=True, store=store)
             model = str(path)
         else:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+            buffer = io.BytesIO()
+            write_model(model, buffer, store)  # folded arrays streamed into the bytes, not the proto
+            return ort.InferenceSession(buffer.getvalue(), options, providers=[provider])
     return ort.InferenceSession(str(model), options, providers=[provider])
 
 
@@ -134,7 +140,8 @@ class _CannotRun(Exception):
     """onnxruntime cannot load or run the *original* model (an old opset, a custom op)."""
 
 
-def compare_outputs(original, folded: onnx.ModelProto, result: Verification, config: RunConfig) -> None:
+def compare_outputs(original, folded: onnx.ModelProto, result: Verification, config: RunConfig,
+                    store: TensorStore | None = None) -> None:
     """Fill `result.outputs` and `result.runtime_status`; never reports a pass it did not compute.
 
     When onnxruntime has no kernel for the original model (BN-6 and other pre-opset-7 exports), both
@@ -149,13 +156,13 @@ def compare_outputs(original, folded: onnx.ModelProto, result: Verification, con
         raise BadInputError(f"execution provider {unavailable} is not available in this onnxruntime "
                             f"(available: {', '.join(_available())})")
     try:
-        names, references, candidates = _run_onnxruntime(original, folded, batches, config, defaulted, result)
+        names, references, candidates = _run_onnxruntime(original, folded, batches, config, defaulted, result, store)
     except _CannotRun as why:
         if config.providers:
             result.runtime_status = f"not run: --providers need onnxruntime, but {why}"
             return
         try:
-            names, references, candidates = _run_reference_evaluator(original, folded, batches)
+            names, references, candidates = _run_reference_evaluator(original, folded, batches, store)
         except Exception as error:  # noqa: BLE001 - the evaluator cannot run it either: say both
             result.runtime_status = f"not run: {why}; onnx reference evaluator: {_line(error)}"
             return
@@ -177,7 +184,7 @@ def compare_outputs(original, folded: onnx.ModelProto, result: Verification, con
     _save_arrays(config, batches, names, references, candidates[""])
 
 
-def _run_onnxruntime(original, folded, batches, config: RunConfig, defaulted, result: Verification):
+def _run_onnxruntime(original, folded, batches, config: RunConfig, defaulted, result: Verification, store):
     """(output names, reference runs, {provider: folded runs}); _CannotRun when the original cannot
     be run, RuntimeError(status) when the folded model cannot."""
     with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
@@ -200,7 +207,7 @@ def _run_onnxruntime(original, folded, batches, config: RunConfig, defaulted, re
         candidates: dict[str, list] = {}  # "" is the CPU comparison every run makes
         for label, provider in [("", "CPUExecutionProvider"), *((p, p) for p in config.providers)]:
             try:
-                candidate_session = session(folded, folder, provider)
+                candidate_session = session(folded, folder, provider, store)
                 candidates[label] = [candidate_session.run(names, feeds) for feeds in batches]
             except Exception as error:  # noqa: BLE001
                 raise RuntimeError(f"failed: onnxruntime ({provider}) cannot run the folded model: "
@@ -217,10 +224,15 @@ def _raise_for_shapes(config: RunConfig, error: Exception) -> None:
                             f"{_line(error)}") from None
 
 
-def _run_reference_evaluator(original, folded: onnx.ModelProto, batches):
+def _run_reference_evaluator(original, folded: onnx.ModelProto, batches, store):
     from onnx.reference import ReferenceEvaluator
 
     model = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original))
+    if store is not None and store.has_deferred(folded):  # the evaluator needs self-contained models
+        copy = onnx.ModelProto()
+        copy.CopyFrom(folded)
+        store.materialize(copy, keep_pending=True)
+        folded = copy
     names = [o.name for o in model.graph.output]
     references = [ReferenceEvaluator(model).run(None, feeds) for feeds in batches]
     candidate = ReferenceEvaluator(folded)

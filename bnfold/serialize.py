@@ -9,11 +9,16 @@ length-delimited field. Parsers read the result exactly as if it had been serial
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bnfold.tensors import TensorStore
 
 # Field numbers from onnx.proto.
 MODEL_GRAPH_FIELD = 7
@@ -26,11 +31,11 @@ STREAM_THRESHOLD_BYTES = 64 * 1024
 SMALL_MODEL_BYTES = 32 * 1024 * 1024
 
 
-def copy_without(message: Message, skipped: str) -> Message:
-    """A copy of `message` with every field but `skipped` (which is never copied)."""
+def copy_without(message: Message, *skipped: str) -> Message:
+    """A copy of `message` with every field but the `skipped` ones (which are never copied)."""
     shell = type(message)()
     for field, value in message.ListFields():
-        if field.name == skipped:
+        if field.name in skipped:
             continue
         if field.is_repeated:
             getattr(shell, field.name).extend(value)
@@ -84,25 +89,72 @@ def estimated_size(model: onnx.ModelProto) -> int:
     return sum(raw_size(t) for t in model.graph.initializer)
 
 
-def _tensor_parts(tensor: onnx.TensorProto) -> tuple[bytes, int] | None:
-    """(tensor without raw_data, raw length) for a tensor worth streaming, else None."""
-    raw_length = raw_size(tensor)
-    if raw_length < STREAM_THRESHOLD_BYTES or not tensor.HasField("raw_data"):
+@dataclass
+class DataFile:
+    """Where tensors go when a model is saved with external data."""
+
+    handle: BinaryIO
+    location: str  # the file name recorded in the model, relative to it
+    threshold: int = 1024  # smaller tensors stay in the model
+    alignment: int = 4096
+
+    def append(self, chunks: Iterable[bytes | memoryview]) -> tuple[int, int]:
+        """Write a tensor's bytes at the next aligned offset; (offset, length)."""
+        offset = (self.handle.tell() + self.alignment - 1) // self.alignment * self.alignment
+        self.handle.seek(offset)
+        length = 0
+        for chunk in chunks:
+            length += self.handle.write(chunk)
+        return offset, length
+
+
+def _data_source(tensor: onnx.TensorProto, store: TensorStore | None, threshold: int):
+    """(length, chunk iterator factory) for a tensor to be streamed, None to serialise it inline."""
+    if store is not None and store.is_deferred(tensor):
+        return store.byte_length(tensor), lambda: store.chunks(tensor)
+    length = raw_size(tensor)
+    if length < threshold or not tensor.HasField("raw_data"):
         return None
-    return copy_without(tensor, "raw_data").SerializeToString(), raw_length
+
+    def raw_chunks() -> Iterator[bytes]:
+        raw = tensor.raw_data
+        if len(raw) != length:
+            raise ValueError(f"tensor '{tensor.name}' holds {len(raw)} bytes, its dims need {length}")
+        yield raw
+
+    return length, raw_chunks
 
 
-def write_model(model: onnx.ModelProto, handle: BinaryIO) -> None:
-    """Write `model` to `handle` in protobuf wire format, one weight at a time, keeping field order."""
+def _tensor_head(tensor: onnx.TensorProto, external: tuple[str, int, int] | None = None) -> bytes:
+    """The tensor's fields without its data (and, for a data file, pointing at `external`)."""
+    head = copy_without(tensor, "raw_data", "external_data", "data_location")
+    if external is not None:
+        head.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in zip(("location", "offset", "length"), external):
+            entry = head.external_data.add()
+            entry.key, entry.value = key, str(value)
+    return head.SerializeToString()
+
+
+def write_model(model: onnx.ModelProto, handle: BinaryIO, store: TensorStore | None = None,
+                data: DataFile | None = None) -> None:
+    """Write `model` to `handle` in protobuf wire format, one weight at a time, keeping field order.
+
+    Deferred tensors (folded arrays, the input's external data) are streamed from `store`; with
+    `data`, tensors above its threshold go to that file and the model records where.
+    """
     graph = model.graph
-    if estimated_size(model) < SMALL_MODEL_BYTES:
+    if store is not None:
+        store.materialize(model, nested_only=True)  # only top-level initializers are streamed
+    deferred = store is not None and store.has_deferred(model)
+    if data is None and not deferred and estimated_size(model) < SMALL_MODEL_BYTES:
         handle.write(model.SerializeToString())  # small: the one-call path is fastest
         return
     head = copy_without(model, "graph").SerializeToString()
     graph_bytes = copy_without(graph, "initializer").SerializeToString()
     # Each entry: serialised small initializers (a GraphProto holding only them is exactly their
-    # wire bytes), or a big tensor's prefix to which its raw bytes are appended while writing.
-    entries: list[tuple[bytes, onnx.TensorProto | None, int]] = []
+    # wire bytes), or a big tensor's prefix followed by its streamed bytes.
+    entries: list[tuple[bytes, Callable[[], Iterable[bytes | memoryview]] | None, int]] = []
     graph_length = len(graph_bytes)
     small_run = onnx.GraphProto()  # consecutive small initializers, serialised in one call
 
@@ -113,27 +165,33 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO) -> None:
             graph_length += len(entries[-1][0])
             small_run = onnx.GraphProto()
 
+    threshold = data.threshold if data is not None else STREAM_THRESHOLD_BYTES
     for tensor in graph.initializer:
-        parts = _tensor_parts(tensor)
-        if parts is None:
+        source = _data_source(tensor, store, threshold)
+        if source is None:
             small_run.initializer.append(tensor)
             continue
         flush_small_run()
-        tensor_head, raw_length = parts
-        tensor_length = len(tensor_head) + 1 + len(_varint(raw_length)) + raw_length
+        length, chunks = source
+        if data is not None:
+            offset, written = data.append(chunks())
+            body = _tensor_head(tensor, (data.location, offset, written))
+            entries.append((_key(GRAPH_INITIALIZER_FIELD) + _varint(len(body)) + body, None, 0))
+            graph_length += len(entries[-1][0])
+            continue
+        tensor_head = _tensor_head(tensor)
+        tensor_length = len(tensor_head) + 1 + len(_varint(length)) + length
         prefix = _key(GRAPH_INITIALIZER_FIELD) + _varint(tensor_length) + tensor_head + \
-            _key(TENSOR_RAW_DATA_FIELD) + _varint(raw_length)
-        entries.append((prefix, tensor, raw_length))
-        graph_length += len(prefix) + raw_length
+            _key(TENSOR_RAW_DATA_FIELD) + _varint(length)
+        entries.append((prefix, chunks, length))
+        graph_length += len(prefix) + length
     flush_small_run()
     handle.write(head)
     handle.write(_key(MODEL_GRAPH_FIELD) + _varint(graph_length))
     handle.write(graph_bytes)
-    for prefix, tensor, raw_length in entries:
+    for prefix, chunks, length in entries:
         handle.write(prefix)
-        if tensor is not None:
-            raw = tensor.raw_data
-            if len(raw) != raw_length:
-                raise ValueError(f"tensor '{tensor.name}' holds {len(raw)} bytes, its dims need {raw_length}")
-            handle.write(raw)
-            del raw
+        if chunks is not None:
+            written = sum(handle.write(chunk) for chunk in chunks())
+            if written != length:
+                raise ValueError(f"a tensor wrote {written} bytes where {length} were announced")

@@ -13,9 +13,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,12 +21,11 @@ from onnx import numpy_helper
 
 from bnfold.fold_math import ChannelAffine
 from bnfold.graph import scoped_subgraphs
-from bnfold.model_io import EXTERNAL_ABOVE_BYTES, save_model_atomic
 from bnfold.report import TensorCheck, Verification
 from bnfold.rewrite import Provenance
 from bnfold.rules.layers import fold_parameters, match_layer
 from bnfold.runtime import RunConfig, compare_outputs
-from bnfold.serialize import estimated_size
+from bnfold.tensors import TensorStore
 
 # float64 slack of the recomputation itself, relative to the magnitude of the values involved.
 RECOMPUTE_SLACK = 1e-12
@@ -43,20 +40,23 @@ def verify(
     provenance: Sequence[Provenance] = (),
     config: RunConfig | None = None,
     run_onnxruntime: bool = True,
+    store: TensorStore | None = None,
 ) -> Verification:
     """Check `folded` against `original`; the result's `.passed` says whether every check passed."""
     config = config or RunConfig()
     result = Verification(seed=config.seed)
-    result.checker_passed, result.checker_message = _check_model(folded, original)
-    result.tensors = analytic_checks(folded, provenance)
+    store = store or TensorStore()
+    store.materialize(folded, nested_only=True)  # subgraph tensors are checked with their graphs
+    result.checker_passed, result.checker_message = _check_model(folded, original, store)
+    result.tensors = analytic_checks(folded, provenance, store)
     if run_onnxruntime:
-        compare_outputs(original, folded, result, config)
+        compare_outputs(original, folded, result, config, store)
     else:
         result.runtime_status = "not run: switched off"
     return result
 
 
-def _check_model(folded: onnx.ModelProto, original: ModelSource) -> tuple[bool, str]:
+def _check_model(folded: onnx.ModelProto, original: ModelSource, store: TensorStore) -> tuple[bool, str]:
     try:
         _run_checker(folded, full_check=True)
         return True, "ok"
@@ -76,19 +76,22 @@ def _check_model(folded: onnx.ModelProto, original: ModelSource) -> tuple[bool, 
 
 
 def _run_checker(model: onnx.ModelProto | str, full_check: bool) -> None:
-    if isinstance(model, onnx.ModelProto) and estimated_size(model) > EXTERNAL_ABOVE_BYTES:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.onnx"
-            save_model_atomic(model, path, external_data=True)
-            onnx.checker.check_model(str(path), full_check=full_check)
-        return
-    onnx.checker.check_model(model, full_check=full_check)
+    """onnx.checker, plus strict shape inference with `full_check` — both on the weight-free
+    skeleton (weights cannot change either verdict; serialising them for the checker costs a full
+    copy of the model and, above 2 GB, a trip through the disk)."""
+    from bnfold.shapes import skeleton
+
+    if isinstance(model, str):
+        model = onnx.load(model, load_external_data=False)
+    onnx.checker.check_model(skeleton(model, empty_stubs=True))
+    if full_check:
+        onnx.shape_inference.infer_shapes(skeleton(model), check_type=True, strict_mode=True)
 
 
 # --- analytic check ------------------------------------------------------------------------------
 
 
-def analytic_checks(folded: onnx.ModelProto, provenance: Sequence[Provenance]) -> list[TensorCheck]:
+def analytic_checks(folded: onnx.ModelProto, provenance: Sequence[Provenance], store: TensorStore) -> list[TensorCheck]:
     """Compare each written tensor with a float64 recomputation from the original parameters."""
     tensors = _initializers_by_scope(folded)
     checks = []
@@ -100,7 +103,7 @@ def analytic_checks(folded: onnx.ModelProto, provenance: Sequence[Provenance]) -
             if written is None:
                 checks.append(TensorCheck(name, layer_name, float("inf"), False))
                 continue
-            error = ulp_error(numpy_helper.to_array(written), values)
+            error = ulp_error(store.read(written), values)
             checks.append(TensorCheck(name, layer_name, error, error <= 1.0))
     return checks
 

@@ -1,0 +1,146 @@
+"""Where tensor data lives while a model is folded: in the protobuf, in the input's external data
+file, or in memory as a freshly folded numpy array.
+
+Why not just write new weights into the ModelProto: the upb protobuf runtime allocates from arenas
+that free nothing until the whole model is freed, so overwriting a 275 MB weight keeps the old bytes
+alive (a folded 2.2 GB model peaked at 7.6 GB that way). Instead a folded tensor keeps its name, type
+and dims in the graph and points, through an external-data entry with a marker location, at an
+array held here; the writer streams it from here, and `materialize` puts it into the proto only when
+a caller asks for the in-memory model. External-data inputs are read lazily from their files, so
+only the tensors being folded are ever in memory.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper
+
+from bnfold.errors import BadInputError
+
+PENDING_LOCATION = "bnfold:pending"
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+                "uint64_data", "external_data")
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+class TensorStore:
+    """Reads any tensor of one model; holds the arrays folding produced until they are written."""
+
+    def __init__(self, base_dir: Path | None = None) -> None:
+        self.base_dir = base_dir
+        self._pending: dict[str, np.ndarray] = {}
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def is_deferred(self, tensor: onnx.TensorProto) -> bool:
+        """Is the tensor's data somewhere other than the proto (pending here, or in a file)?"""
+        return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+    def read(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """The tensor's values, from wherever they live."""
+        from bnfold.graph import tensor_values
+
+        if not self.is_deferred(tensor):
+            return tensor_values(tensor)
+        info = external_info(tensor)
+        if info.get("location") == PENDING_LOCATION:
+            return self._pending[info["offset"]]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        raw = b"".join(self.chunks(tensor))
+        try:
+            return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+        except ValueError as error:
+            raise BadInputError(f"tensor '{tensor.name}': external data does not match its dims ({error})") from None
+
+    def byte_length(self, tensor: onnx.TensorProto) -> int:
+        info = external_info(tensor)
+        if info.get("location") == PENDING_LOCATION:
+            return self._pending[info["offset"]].nbytes
+        if "length" in info:
+            return int(info["length"])
+        return self._file(tensor).stat().st_size - int(info.get("offset", 0))
+
+    def chunks(self, tensor: onnx.TensorProto) -> Iterator[bytes | memoryview]:
+        """The raw little-endian bytes of a deferred tensor, in pieces (files are never read whole)."""
+        info = external_info(tensor)
+        if info.get("location") == PENDING_LOCATION:
+            values = np.ascontiguousarray(self._pending[info["offset"]])
+            yield memoryview(values.reshape(-1).view(np.uint8))  # bytes as stored: little-endian
+            return
+        path, offset, length = self._file(tensor), int(info.get("offset", 0)), self.byte_length(tensor)
+        try:
+            with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                if offset + length > len(mapped):
+                    raise BadInputError(f"tensor '{tensor.name}': external data in {path} is truncated")
+                for start in range(offset, offset + length, CHUNK_BYTES):
+                    yield mapped[start:min(start + CHUNK_BYTES, offset + length)]
+        except (OSError, ValueError) as error:
+            raise BadInputError(f"tensor '{tensor.name}': cannot read external data {path} ({error})") from None
+
+    def _file(self, tensor: onnx.TensorProto) -> Path:
+        location = external_info(tensor).get("location", "")
+        if self.base_dir is None:
+            raise BadInputError(f"tensor '{tensor.name}' refers to external data '{location}' but the model "
+                                "was not loaded from a path")
+        return self.base_dir / location
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def assign(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+        """Give `tensor` new values (and the type and dims of `values`), kept here until written."""
+        key = str(len(self._pending))
+        self._pending[key] = values
+        for name in _DATA_FIELDS:
+            tensor.ClearField(name)
+        del tensor.dims[:]
+        tensor.dims.extend(values.shape)
+        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for entry_key, value in (("location", PENDING_LOCATION), ("offset", key)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = entry_key, value
+
+    def create(self, name: str, values: np.ndarray) -> onnx.TensorProto:
+        tensor = onnx.TensorProto()
+        tensor.name = name
+        self.assign(tensor, values)
+        return tensor
+
+    def materialize(self, model: onnx.ModelProto, nested_only: bool = False, keep_pending: bool = False) -> None:
+        """Put deferred tensors' data into the proto (the plain, self-contained form); with
+        `nested_only`, only those outside the main graph's initializers (subgraphs, attributes)."""
+        tensors = _nested_tensors(model.graph) if nested_only else external_data_helper._get_all_tensors(model)
+        for tensor in tensors:
+            if self.is_deferred(tensor):
+                raw = b"".join(bytes(chunk) for chunk in self.chunks(tensor))
+                for name in _DATA_FIELDS:
+                    tensor.ClearField(name)
+                tensor.ClearField("data_location")
+                tensor.raw_data = raw
+        if not nested_only and not keep_pending:
+            self._pending.clear()
+
+    def has_deferred(self, model: onnx.ModelProto) -> bool:
+        return any(self.is_deferred(t) for t in external_data_helper._get_all_tensors(model))
+
+
+def _nested_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Tensors of node attributes and subgraphs (everything but the graph's own initializers)."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            bodies = [attr.g] if attr.HasField("g") else []
+            for body in [*bodies, *attr.graphs]:
+                yield from body.initializer
+                yield from _nested_tensors(body)
