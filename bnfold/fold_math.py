@@ -108,18 +108,30 @@ def _along(values: FloatArray, axis: int, ndim: int) -> FloatArray:
 # --- backward folds: layer -> affine -------------------------------------------------------------
 
 
+def scaled(weight: FloatArray, factor: FloatArray, out_dtype: np.dtype | None = None) -> np.ndarray:
+    """`weight * factor` computed in float64; with `out_dtype`, rounded once into it element by
+    element, so no float64 copy of a large weight is ever held (bfloat16 keeps the float64 result:
+    numpy's cast to it is not a single rounding, `round_to_dtype` does that)."""
+    if out_dtype is None or np.dtype(out_dtype).name == "bfloat16":
+        return np.multiply(weight, factor, dtype=np.float64)
+    out = np.empty(np.broadcast_shapes(weight.shape, factor.shape), dtype=out_dtype)
+    np.multiply(weight, factor, out=out, dtype=np.float64, casting="unsafe")
+    return out
+
+
 def conv_backward(
-    weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine
+    weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine, out_dtype: np.dtype | None = None
 ) -> tuple[FloatArray, FloatArray]:
     """Conv weight [C_out, C_in/g, k...]: output channels are axis 0 whatever the group."""
     out_channels = weight.shape[0]
     affine = affine.expanded(out_channels)
-    new_weight = weight * _along(affine.scale, 0, weight.ndim)
+    new_weight = scaled(weight, _along(affine.scale, 0, weight.ndim), out_dtype)
     return new_weight, _bias_or_zeros(bias, out_channels) * affine.scale + affine.shift
 
 
 def conv_transpose_backward(
-    weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine, group: int
+    weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine, group: int,
+    out_dtype: np.dtype | None = None,
 ) -> tuple[FloatArray, FloatArray]:
     """ConvTranspose weight [C_in, C_out/g, k...]: channel g*(C_out/g)+j is column j of group g."""
     in_channels, out_per_group = weight.shape[:2]
@@ -128,7 +140,7 @@ def conv_transpose_backward(
     affine = affine.expanded(out_channels)
     grouped = weight.reshape((group, in_channels // group, out_per_group) + kernel)
     scale = affine.scale.reshape((group, 1, out_per_group) + (1,) * len(kernel))
-    new_weight = (grouped * scale).reshape(weight.shape)
+    new_weight = scaled(grouped, scale, out_dtype).reshape(weight.shape)
     return new_weight, _bias_or_zeros(bias, out_channels) * affine.scale + affine.shift
 
 
@@ -139,11 +151,12 @@ def gemm_backward(
     alpha: float,
     beta: float,
     trans_b: bool,
+    out_dtype: np.dtype | None = None,
 ) -> tuple[FloatArray, FloatArray]:
     """New (B, C) for alpha = beta = 1; C keeps numpy broadcasting against [M, N]."""
     out_channels = b_matrix.shape[0] if trans_b else b_matrix.shape[1]
     affine = affine.expanded(out_channels)
-    new_b = np.float64(alpha) * b_matrix * _along(affine.scale, 0 if trans_b else 1, 2)
+    new_b = scaled(b_matrix, np.float64(alpha) * _along(affine.scale, 0 if trans_b else 1, 2), out_dtype)
     if c is None:
         return new_b, affine.shift.copy()
     # Y*s + t = alpha*A*(B*s) + (beta*C*s + t); broadcasting keeps [M, N]/[M, 1] C exact.
@@ -151,12 +164,12 @@ def gemm_backward(
 
 
 def matmul_backward(
-    weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine
+    weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine, out_dtype: np.dtype | None = None
 ) -> tuple[FloatArray, FloatArray]:
     """MatMul weight [K, N]: output channels are the last axis."""
     out_channels = weight.shape[1]
     affine = affine.expanded(out_channels)
-    new_weight = weight * affine.scale[None, :]
+    new_weight = scaled(weight, affine.scale[None, :], out_dtype)
     return new_weight, _bias_or_zeros(bias, out_channels) * affine.scale + affine.shift
 
 
@@ -211,6 +224,8 @@ def round_to_dtype(values: FloatArray, dtype: np.dtype) -> np.ndarray:
     mantissa (8 significant bits) and then cast exactly.
     """
     dtype = np.dtype(dtype)
+    if values.dtype == dtype:
+        return values  # already rounded once (see `scaled`)
     values = np.asarray(values, dtype=np.float64)
     if dtype.name != "bfloat16":
         return values.astype(dtype)  # overflow gives inf, which verification reports

@@ -156,7 +156,11 @@ class _Folder:
         removed: set[int] = set()
         maybe_dead: set[str] = set()
         forward_targets: dict[str, tuple[list[AffineOp], list[str]]] = {}  # chain head -> (chain, layers)
-        for plan in layers:
+        layers.reverse()
+        while layers:
+            # Popped, so each layer's weight (possibly a mapped external-data region) is released
+            # as soon as it is folded: only the tensor being folded is held at any time.
+            plan = layers.pop()
             self._fold_layer(graph, index, plan, scope, replaced, removed, maybe_dead)
             if plan.pre:
                 layer_name = plan.layer.node.name or plan.layer.output
@@ -191,7 +195,7 @@ class _Folder:
         math_layer = origin.layer if origin else layer
         pre = _then(plan.pre_affine, origin.pre if origin else None)
         post = _then(origin.post if origin else None, plan.post_affine)
-        params = fold_parameters(math_layer, pre, post)
+        params = fold_parameters(math_layer, pre, post, round_weight=True)
         position = index.producer[layer.output]
 
         def name_for(role: str, preferred: str) -> str:

@@ -56,6 +56,15 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [value for value in model.graph.input if value.name not in initializers]
 
 
+def input_dtype(value: onnx.ValueInfoProto) -> np.dtype:
+    """The numpy dtype of a graph input; BadInputError when its element type is missing or unknown."""
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    except KeyError:
+        raise BadInputError(f"input '{value.name}' has no usable element type "
+                            f"({value.type.tensor_type.elem_type}); verification cannot feed it (use --no-verify)") from None
+
+
 def random_inputs(
     inputs: list[onnx.ValueInfoProto], shapes: dict[str, list[int]], seed: int
 ) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
@@ -78,7 +87,7 @@ def random_inputs(
                 else:
                     shape.append(DEFAULT_BATCH if axis == 0 else DEFAULT_DIM)
                     defaulted.setdefault(value.name, []).append(dim.dim_param or f"axis {axis}")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        dtype = input_dtype(value)
         if dtype.kind == "f" or dtype.name == "bfloat16":
             feeds[value.name] = rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
         elif dtype.kind in "iu":
@@ -123,7 +132,7 @@ def feed_sets(inputs: list[onnx.ValueInfoProto], config: RunConfig) -> tuple[lis
     missing = sorted(known - set(config.inputs))
     if missing:
         raise BadInputError(f"--inputs has no array for input '{missing[0]}'")
-    types = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type) for v in inputs}
+    types = {v.name: input_dtype(v) for v in inputs}
     samples = {}
     for name, array in config.inputs.items():
         if array.dtype != types[name]:

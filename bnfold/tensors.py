@@ -12,6 +12,7 @@ only the tensors being folded are ever in memory.
 
 from __future__ import annotations
 
+import math
 import mmap
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,11 +56,15 @@ class TensorStore:
         if info.get("location") == PENDING_LOCATION:
             return self._pending[info["offset"]]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        raw = b"".join(self.chunks(tensor))
+        path, offset, length = self._file(tensor), int(info.get("offset", 0)), self.byte_length(tensor)
+        shape = tuple(tensor.dims)
+        if length != math.prod(shape) * dtype.itemsize:
+            raise BadInputError(f"tensor '{tensor.name}': {length} bytes of external data for dims {list(shape)}")
         try:
-            return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
-        except ValueError as error:
-            raise BadInputError(f"tensor '{tensor.name}': external data does not match its dims ({error})") from None
+            # Mapped, not read: the pages are the page cache's, and leave with the array.
+            return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        except (OSError, ValueError) as error:
+            raise BadInputError(f"tensor '{tensor.name}': cannot read external data {path} ({error})") from None
 
     def byte_length(self, tensor: onnx.TensorProto) -> int:
         info = external_info(tensor)

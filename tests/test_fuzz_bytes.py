@@ -259,10 +259,11 @@ def _corrupt_tensor(how: str) -> onnx.ModelProto:
 def test_regression_tensor_data_not_matching_dims_is_bad_input(tmp_path: Path, how: str) -> None:
     """Found by `field` mutants (a flipped bit in an initializer's data_type or dims).
 
-    The loader accepts the model; GraphIndex.constant -> tensor_values -> numpy_helper.to_array
-    then raises ValueError ("cannot reshape array of size 4 into shape (2,)") or KeyError (33).
-    The CLI turns it into "unexpected error: ValueError: ..." (exit 2), the API raises it raw.
-    Expected: BadInputError naming the tensor, like the "raw_data size is too small" case.
+    Up to 78702d6 the loader accepted the model; GraphIndex.constant -> tensor_values ->
+    numpy_helper.to_array then raised ValueError ("cannot reshape array of size 4 into shape (2,)") or KeyError (33).
+    The CLI turned it into "unexpected error: ValueError: ..." (exit 2), the API raised it raw.
+    Expected: BadInputError naming the tensor, like the "raw_data size is too small" case
+    (fixed in 8d3d9e7).
     """
     source, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
     onnx.save(_corrupt_tensor(how), str(source))
@@ -287,10 +288,10 @@ def _unrunnable(batch) -> onnx.ModelProto:
 def test_regression_unrunnable_original_is_not_blamed_on_the_input_shape(tmp_path: Path) -> None:
     """Found by `field` mutants of attribute ints (kernel_shape, group).
 
-    With a symbolic batch dim, bnfold says "onnxruntime rejected the default shape [2, 4, 8, 8]
-    ... pass --input-shape" (exit 2), though the model cannot run with any shape; the same model
-    with a static batch dim exits 1 ("verification failed"). Expected: one outcome for both, and no
-    advice to change a shape that is not the problem.
+    Up to 78702d6, with a symbolic batch dim bnfold said "onnxruntime rejected the default shape
+    [2, 4, 8, 8] ... pass --input-shape" (exit 2), though the model cannot run with any shape; the
+    same model with a static batch dim exited 1 ("verification failed"). Expected: one outcome for
+    both, and no advice to change a shape that is not the problem (fixed in 8d3d9e7).
     """
     codes = {}
     for batch in ("N", 2):
@@ -307,9 +308,9 @@ def test_regression_node_name_not_utf8(tmp_path: Path) -> None:
     """Found by a `set_structure` mutant (grouped_depthwise.onnx seed 1216: one byte of a node name).
 
     A proto2 string that is not valid UTF-8 comes back from protobuf as `bytes`; the onnx checker
-    does not look at node names. bnfold folds, WRITES the output, then render.to_text crashes
-    (`', '.join(record.into)`: TypeError, bytes found) with a traceback and exit 1 — an exit code
-    that promises nothing was written. (--json prints the name as "b'conv.\\x84QQ'".)
+    does not look at node names. Up to 78702d6 bnfold folded, WROTE the output, then
+    render.to_text crashed (`', '.join(record.into)`: TypeError, bytes found) with a traceback and
+    exit 1, an exit code that promises nothing was written (fixed in 8d3d9e7).
     """
     model = _conv_bn()
     model.graph.node[0].name = "conv.QQQ"
@@ -327,9 +328,10 @@ def test_regression_graph_input_without_known_elem_type(tmp_path: Path, elem_typ
     """Found by `field` mutants of graph.input.type.tensor_type.elem_type (mlp_bn1d.onnx seed 5427:
     FLOAT=1 -> 0 (UNDEFINED); resnet_tiny.onnx seed 7461: 1 -> 33).
 
-    The loader's checker accepts the model, the fold runs, then verification's random_inputs calls
-    onnx.helper.tensor_dtype_to_np_dtype(0) -> KeyError: the API raises it raw, the CLI says
-    "unexpected error: KeyError: 0". Expected: BadInputError naming the input.
+    The loader's checker accepts the model, the fold runs, then verification's
+    runtime.random_inputs calls onnx.helper.tensor_dtype_to_np_dtype(0) -> KeyError: the API raises
+    it raw, the CLI says "unexpected error: KeyError: 0" (still so at 8d3d9e7). Expected: a
+    BadInputError naming the input.
     """
     model = _conv_bn()
     model.graph.input[0].type.tensor_type.elem_type = elem_type

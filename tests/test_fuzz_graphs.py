@@ -564,11 +564,11 @@ def test_fold_random_graph_verified(fuzz: FuzzModel) -> None:
 def test_regression_fold_and_verify(name: str) -> None:
     """Each reproducer folds correctly (outputs match) AND passes bnfold's own verification.
 
-    `pre_and_post_of_different_widths` raised ValueError inside verify._probe_affine (fixed
-    upstream in ae0ed5f). The three `*_two_passes` / `normalized_dense_layer` models fail with a
-    false VerificationError (analytic check off by ~1e7 ulp while onnxruntime outputs match): a
-    layer folded in two passes keeps the first pass's provenance, which is then compared with the
-    tensor the second pass overwrote in place.
+    Found by the properties above. `pre_and_post_of_different_widths` made verify=True raise
+    ValueError in verify._probe_affine (it sized the probe from the pre AND post chains' constants;
+    fixed in ae0ed5f). The other three failed with a false VerificationError (analytic check off
+    by ~1e7 ulp while the onnxruntime outputs matched; fixed in cb5bd2e): a layer folded in two
+    passes kept the first pass's provenance, then compared with the tensor the second pass overwrote.
     """
     model = REPRODUCERS[name]()
     check_fold_properties(_fuzz_model(lambda: model))

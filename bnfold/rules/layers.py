@@ -83,6 +83,8 @@ def match_layer(node: onnx.NodeProto, index: GraphIndex) -> Layer | Refusal | No
             "trans_a": int(attribute(node, "transA", 0)),
             "trans_b": int(attribute(node, "transB", 0)),
         }
+        if not (np.isfinite(attrs["alpha"]) and np.isfinite(attrs["beta"])):
+            return Refusal(Reason.INVALID_PARAMS, f"Gemm alpha={attrs['alpha']} beta={attrs['beta']} not finite")
         out_channels, in_channels = weight.shape if attrs["trans_b"] else weight.shape[::-1]
         return Layer(node, weight, bias, 2, 1, None if attrs["trans_a"] else 1, out_channels, in_channels, attrs)
     # MatMul(x, W): output features on the last axis, contraction over x's last axis.
@@ -148,8 +150,11 @@ class FoldedParameters:
     bias: np.ndarray | None  # float64; None: the layer needs no bias
 
 
-def fold_parameters(layer: Layer, pre: ChannelAffine | None, post: ChannelAffine | None) -> FoldedParameters:
-    """The float64 parameters of `post ∘ layer ∘ pre` (either map may be absent)."""
+def fold_parameters(layer: Layer, pre: ChannelAffine | None, post: ChannelAffine | None,
+                    round_weight: bool = False) -> FoldedParameters:
+    """The float64 parameters of `post ∘ layer ∘ pre` (either map may be absent). With
+    `round_weight` a backward-only fold returns the weight already rounded to the layer's dtype."""
+    out_dtype = layer.weight.dtype if round_weight and pre is None else None
     # numpy promotes float16/float32 weights to float64 inside the first product, which saves a
     # float64 copy of every weight; bfloat16 (ml_dtypes) is widened explicitly.
     weight = layer.weight if layer.weight.dtype.kind == "f" else layer.weight.astype(np.float64)
@@ -161,7 +166,7 @@ def fold_parameters(layer: Layer, pre: ChannelAffine | None, post: ChannelAffine
             weight, bias = fold_math.gemm_forward(weight, bias, pre, alpha, beta, trans_b)
             alpha = beta = 1.0
         if post is not None:
-            weight, bias = fold_math.gemm_backward(weight, bias, post, alpha, beta, trans_b)
+            weight, bias = fold_math.gemm_backward(weight, bias, post, alpha, beta, trans_b, out_dtype)
         elif pre is None:
             raise ValueError("nothing to fold")
         return FoldedParameters(weight, bias)
@@ -172,11 +177,11 @@ def fold_parameters(layer: Layer, pre: ChannelAffine | None, post: ChannelAffine
             weight, bias = fold_math.matmul_forward(weight, pre)
     if post is not None:
         if layer.kind == "Conv":
-            weight, bias = fold_math.conv_backward(weight, bias, post)
+            weight, bias = fold_math.conv_backward(weight, bias, post, out_dtype)
         elif layer.kind == "ConvTranspose":
-            weight, bias = fold_math.conv_transpose_backward(weight, bias, post, attrs["group"])
+            weight, bias = fold_math.conv_transpose_backward(weight, bias, post, attrs["group"], out_dtype)
         else:
-            weight, bias = fold_math.matmul_backward(weight, bias, post)
+            weight, bias = fold_math.matmul_backward(weight, bias, post, out_dtype)
     if bias is not None and layer.bias is None and not bias.any():
         bias = None  # only scales were absorbed: no need for a zero bias
     return FoldedParameters(weight, bias)
