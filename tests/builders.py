@@ -9,10 +9,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:  # pragma: no cover
+    from click.testing import Result
 
 FLOAT = TensorProto.FLOAT
 
@@ -134,3 +139,16 @@ def random_feeds(model: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]
 
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [node.op_type for node in model.graph.node]
+
+
+def invoke(args: list) -> Result:
+    """The CLI in-process; any exception but SystemExit fails the test."""
+    from click.testing import CliRunner
+
+    from bnfold.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"unexpected exception {result.exception!r}\nstdout: {result.stdout}\n"
+                             f"stderr: {result.stderr}") from result.exception
+    return result

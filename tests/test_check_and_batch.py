@@ -18,13 +18,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder
-from click.testing import CliRunner, Result
+from builders import GraphBuilder, invoke
 from onnx import helper
 from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
 
 import bnfold
-from bnfold.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "sample_models"
@@ -43,13 +41,6 @@ def copy_sample(folder: Path, name: str, as_name: str | None = None) -> Path:
     return target
 
 
-def invoke(args: list) -> Result:
-    """The CLI in-process; any exception but SystemExit fails the test."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"unexpected exception {result.exception!r}\nstdout: {result.stdout}\n"
-                             f"stderr: {result.stderr}") from result.exception
-    return result
 
 
 def run_module(args: list, cwd: Path | None = None) -> subprocess.CompletedProcess:

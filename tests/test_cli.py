@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner, Result
+from builders import invoke
 
 import bnfold
-from bnfold.cli import main
 from bnfold.report import Reason
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,13 +53,6 @@ def copy_sample(tmp_path: Path, name: str) -> Path:
     return target
 
 
-def invoke(args: list) -> Result:
-    """Run the CLI in-process. Any exception other than SystemExit is a test failure."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"unexpected exception {result.exception!r}\nstdout: {result.stdout}\n"
-                             f"stderr: {result.stderr}") from result.exception
-    return result
 
 
 def run_module(args: list, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -15,11 +15,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import GraphBuilder
-from click.testing import CliRunner, Result
+from builders import GraphBuilder, invoke
+from click.testing import Result
 from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
-
-from bnfold.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "sample_models"
@@ -35,12 +33,6 @@ def copy_sample(tmp_path: Path, name: str = "resnet_tiny.onnx") -> Path:
     return target
 
 
-def invoke(args: list) -> Result:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"unexpected exception {result.exception!r}\nstdout: {result.stdout}\n"
-                             f"stderr: {result.stderr}") from result.exception
-    return result
 
 
 def files_in(folder: Path) -> dict[str, bytes]:
