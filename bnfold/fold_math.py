@@ -70,10 +70,11 @@ def bn_affine(
     gamma: FloatArray, beta: FloatArray, mean: FloatArray, var: FloatArray, eps: float
 ) -> ChannelAffine:
     """The affine map of inference BatchNormalization, computed in float64."""
-    gamma, beta, mean, var = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (gamma, beta, mean, var))
-    denominator = var + np.float64(eps)
-    if not all(np.isfinite(a).all() for a in (gamma, beta, mean, var)) or not np.isfinite(eps):
+    params = np.array([np.reshape(a, -1) for a in (gamma, beta, mean, var)], dtype=np.float64)
+    gamma, beta, mean, var = params
+    if not np.isfinite(params).all() or not np.isfinite(eps):
         raise InvalidAffineError("BN parameters contain NaN or Inf")
+    denominator = var + np.float64(eps)
     if (denominator <= 0).any():
         raise InvalidAffineError(f"var + epsilon <= 0 for {int((denominator <= 0).sum())} channel(s)")
     scale = gamma / np.sqrt(denominator)

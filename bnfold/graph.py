@@ -63,8 +63,19 @@ def value_infos_of(graph: onnx.GraphProto) -> dict[str, ValueInfo]:
     return infos
 
 
+# Default-domain ops with graph attributes; nodes of other domains are always inspected.
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
+def has_subgraphs(node: onnx.NodeProto) -> bool:
+    """Cheap pre-test: only these ops (or custom-domain ones) can carry graph attributes."""
+    return node.op_type in _SUBGRAPH_OPS or node.domain not in ("", "ai.onnx")
+
+
 def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     """The bodies of If / Loop / Scan (and any other graph-valued attribute)."""
+    if not has_subgraphs(node):
+        return
     for attribute in node.attribute:
         if attribute.type == onnx.AttributeProto.GRAPH:
             yield attribute.g
@@ -74,6 +85,8 @@ def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 
 def scoped_subgraphs(node: onnx.NodeProto, scope: str) -> Iterator[tuple[str, onnx.GraphProto]]:
     """Each subgraph of `node` with a stable path naming its scope, e.g. `main/loop.body`."""
+    if not has_subgraphs(node):
+        return
     owner = node.name or (node.output[0] if node.output else node.op_type)
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:

@@ -60,8 +60,15 @@ class NameRegistry:
     """Every name used anywhere in the model, so new names never collide across scopes."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.used: set[str] = set()
-        self._collect(model.graph)
+        self._model = model
+        self._used: set[str] | None = None  # collected on first use: most folds need no new name
+
+    @property
+    def used(self) -> set[str]:
+        if self._used is None:
+            self._used = set()
+            self._collect(self._model.graph)
+        return self._used
 
     def _collect(self, graph: onnx.GraphProto) -> None:
         self.used.update(t.name for t in graph.initializer)
@@ -126,8 +133,11 @@ class _Folder:
             if not plan:
                 break
             self.outcome.passes += 1
+            cascades = _may_cascade(plan.layers, plan.merges)
             self._apply(graph, index, plan.layers, plan.merges, scope)
             index = build_index()
+            if not cascades:
+                break
         for node in index.nodes:
             for path, body in scoped_subgraphs(node, scope):
                 self.fold_graph(body, path, index)
@@ -215,7 +225,7 @@ class _Folder:
             if name in index.initializers:
                 self._assign(index.initializers[name], values)
             else:
-                self._add_initializer(graph, index, self._new_tensor(name, values))
+                self._add_initializer(graph, index, name, values)
         maybe_dead.update(i for i in layer.node.input[1:] if i and i not in tensors)
         for op in plan.pre + plan.post:
             maybe_dead.update(op.node.input[1:] if op.node.op_type == "BatchNormalization" else op.node.input)
@@ -239,7 +249,7 @@ class _Folder:
         names = [self.names.fresh(f"{base}_bnfold_{role}") for role in ("scale", "bias", "mean", "var")]
         values = [affine.scale, affine.shift, np.zeros_like(affine.scale), np.ones_like(affine.scale)]
         for name, value in zip(names, values):
-            self._add_initializer(graph, index, self._new_tensor(name, fold_math.round_to_dtype(value, dtype)))
+            self._add_initializer(graph, index, name, fold_math.round_to_dtype(value, dtype))
         # mean 0, var 1, epsilon 0: the BN computes exactly x * scale + bias.
         merged = onnx.helper.make_node("BatchNormalization", [chain[0].data_input, *names], [chain[-1].output],
                                        name=first_bn.node.name, epsilon=0.0)
@@ -258,11 +268,10 @@ class _Folder:
         else:
             tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
 
-    def _new_tensor(self, name: str, values: np.ndarray) -> onnx.TensorProto:
-        return self.store.create(name, values) if self.store is not None else numpy_helper.from_array(values, name)
-
-    def _add_initializer(self, graph: onnx.GraphProto, index: GraphIndex, tensor: onnx.TensorProto) -> None:
-        graph.initializer.append(tensor)
+    def _add_initializer(self, graph: onnx.GraphProto, index: GraphIndex, name: str, values: np.ndarray) -> None:
+        tensor = graph.initializer.add()  # built in place: appending a finished tensor would copy it
+        tensor.name = name
+        self._assign(tensor, values)
         if index.ir_version < 4 and index.outer is None:
             # IR < 4 requires every initializer of the main graph to be listed as an input too.
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
@@ -299,6 +308,14 @@ def _then(first: ChannelAffine | None, second: ChannelAffine | None) -> ChannelA
     if first is None or second is None:
         return first or second
     return first.then(second)
+
+
+def _may_cascade(layers: list[LayerPlan], merges: list[MergePlan]) -> bool:
+    """Can this pass's edits open folds the pass could not see? Only forward folds (a chain's
+    producer gains the layers as consumers), merges, and MatMuls (which may become Gemms) can.
+    A backward fold into Conv/ConvTranspose/Gemm leaves every neighbour's situation as it was, so
+    the common case needs no second full pass."""
+    return bool(merges) or any(plan.pre or plan.layer.kind == "MatMul" for plan in layers)
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
