@@ -81,14 +81,15 @@ def compare(ctx: Ctx, names: list[str]) -> Table:
     return t
 
 
-def _infer(ctx: Ctx, orig: str, folded: str, level: str, runs: int) -> dict[str, float] | str:
+def _infer(ctx: Ctx, orig: str, folded: str, level: str, runs: int,
+           budget_s: float = 6.0) -> dict[str, float] | str:
     """k child processes, each timing both models alternately; medians over children."""
     per_child: list[dict[str, float]] = []
     for _ in range(ctx.k):
         d = ctx.work.fresh("infer")
         try:
             npz = d / "y.npz"
-            r = run_child(py(ch.INFER, orig, folded, level, runs, 5, npz), ctx.tool_timeout_s * 5)
+            r = run_child(py(ch.INFER, orig, folded, level, runs, budget_s, npz), ctx.tool_timeout_s * 5)
             if not r.ok:
                 return str(r.error)
             res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -111,24 +112,26 @@ def _verdict(orig: float, folded: float) -> str:
 
 def inference(ctx: Ctx, names: list[str], runs: int) -> Table:
     t = Table("6. Inference: original vs folded model (onnxruntime CPU)",
-              f"Session creation time (median of 3) and median latency over {runs} runs after 5 "
-              "warm-up runs; original and folded model alternate inside one process so load on the "
-              f"machine affects both alike; median over {ctx.k} child process(es). Changes within "
-              f"±{NOISE:.0%} are reported as no difference; `output rel. error` = max abs difference of the two outputs / "
-              "max abs original output. At ORT_ENABLE_BASIC onnxruntime folds Conv+BN itself, so little "
-              "or no gain is expected there; ORT_DISABLE_ALL shows what folding buys on its own.",
+              "Session creation time (median of 3) and median latency after 5 warm-up runs, over "
+              f"≥ {runs} runs (fast models get more: ~6 s of runs per process, see `runs`). Original "
+              "and folded model alternate inside one process so load on the machine affects both "
+              f"alike; median over {ctx.k} child process(es). Changes within ±{NOISE:.0%} are "
+              "reported as no difference; `output rel. error` = max abs difference of the two "
+              "outputs / max abs original output. At ORT_ENABLE_BASIC onnxruntime folds Conv+BN "
+              "itself, so little or no gain is expected there; ORT_DISABLE_ALL shows what folding "
+              "buys on its own.",
               ["model", "ORT level", "create (orig)", "create (folded)", "latency (orig)",
-               "latency (folded)", "latency change", "output rel. error"])
+               "latency (folded)", "latency change", "runs", "output rel. error"])
     for name in names:
         folded = folded_model(ctx, name)
         for level in ("disable_all", "basic"):
             res = _infer(ctx, ctx.models[name].path, str(folded), level, runs) \
                 if isinstance(folded, Path) else folded
             if isinstance(res, str):
-                t.rows.append([name, level, res] + ["–"] * 5)
+                t.rows.append([name, level, res] + ["–"] * 6)
                 continue
             t.rows.append([name, level, fmt_s(res["orig_create_s"]), fmt_s(res["folded_create_s"]),
                            fmt_s(res["orig_latency_s"]), fmt_s(res["folded_latency_s"]),
                            _verdict(res["orig_latency_s"], res["folded_latency_s"]),
-                           f"{res['rel_err']:.1e}"])
+                           str(int(res["runs"])), f"{res['rel_err']:.1e}"])
     return t

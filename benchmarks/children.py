@@ -47,7 +47,7 @@ for path in sys.argv[1:3]:
 # is not billed to whichever model happens to go first.
 INFER = r"""
 import json, statistics, sys, time, numpy as np, onnxruntime as ort
-orig, folded, level, runs, warmup, out_npz = sys.argv[1:4] + [int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]]
+orig, folded, level, min_runs, budget_s, out_npz = sys.argv[1:4] + [int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]]
 so = ort.SessionOptions()
 so.graph_optimization_level = {"disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                                "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
@@ -65,14 +65,22 @@ sess = {"orig": create(orig)[0], "folded": create(folded)[0]}
 i = sess["orig"].get_inputs()[0]
 feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape], dtype=np.float32)}
 out, lat = {}, {"orig": [], "folded": []}
-for n in range(warmup + runs):
+def run_both(keep):
     for key, s in sess.items():
         t = time.perf_counter()
         out[key] = s.run(None, feed)[0]
-        if n >= warmup:
+        if keep:
             lat[key].append(time.perf_counter() - t)
+t = time.perf_counter()
+for _ in range(5):  # warm-up, also sizes the timed loop
+    run_both(False)
+# Fast models get more runs (a few ms of noise is a big share of a 5 ms run).
+runs = max(min_runs, int(budget_s / ((time.perf_counter() - t) / 5)))
+for _ in range(runs):
+    run_both(True)
 np.savez(out_npz, **out)
-print(json.dumps({f"{k}_{m}": statistics.median(v) for m, d in (("create_s", created), ("latency_s", lat)) for k, v in d.items()}))
+res = {f"{k}_{m}": statistics.median(v) for m, d in (("create_s", created), ("latency_s", lat)) for k, v in d.items()}
+print(json.dumps({**res, "runs": runs}))
 """
 
 # --compare tools. Each loads, transforms and saves, like FLOOR, so their

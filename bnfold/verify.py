@@ -122,20 +122,30 @@ def ulp_error(written: np.ndarray, expected: np.ndarray) -> float:
     """max |written - expected| in units of the written dtype's spacing at `expected`.
 
     A float64 slack proportional to the values' magnitude absorbs the recomputation's own rounding.
+    Equal infinities and NaN against NaN count as exact; any other non-finite difference is inf.
+    (Written with in-place operations: this runs over every folded weight.)
     """
-    written64 = written.astype(np.float64)
-    if written64.shape != expected.shape:
+    if written.shape != expected.shape:
         return float("inf")
-    same = (written64 == expected) | (np.isnan(written64) & np.isnan(expected))  # equal infinities too
     dtype = written.dtype if written.dtype.name != "bfloat16" else np.dtype(np.float32)
-    spacing = np.spacing(np.abs(expected).astype(dtype)).astype(np.float64)
-    if written.dtype.name == "bfloat16":
-        spacing = spacing * 2.0**16  # bfloat16 keeps 8 of float32's 24 significant bits
-    slack = RECOMPUTE_SLACK * max(float(np.abs(expected).max(initial=0.0)), 1e-30)
     with np.errstate(invalid="ignore", over="ignore"):
-        error = np.where(same, 0.0, np.abs(written64 - expected))
-        ulps = np.where(same, 0.0, np.maximum(error - slack, 0.0) / spacing)
-    return float(np.nan_to_num(ulps, nan=np.inf).max(initial=0.0))
+        error = written.astype(np.float64)
+        error -= expected
+        np.abs(error, out=error)
+        if not np.isfinite(error).all():  # rare: only then pay for the special-value masks
+            written64 = written.astype(np.float64)
+            same = (written64 == expected) | (np.isnan(written64) & np.isnan(expected))
+            error = np.where(same, 0.0, np.nan_to_num(error, nan=np.inf))
+        spacing = np.spacing(expected.astype(dtype))
+        np.abs(spacing, out=spacing)
+        if written.dtype.name == "bfloat16":
+            spacing *= 2.0**16  # bfloat16 keeps 8 of float32's 24 significant bits
+        largest = float(np.max(np.abs(expected), initial=0.0))
+        error -= RECOMPUTE_SLACK * (largest if np.isfinite(largest) else 0.0)
+        np.maximum(error, 0.0, out=error)
+        error /= spacing
+        worst = float(error.max(initial=0.0))
+    return float("inf") if np.isnan(worst) else worst
 
 
 def _expected_parameters(record: Provenance) -> list[np.ndarray]:
@@ -155,12 +165,11 @@ def _probe_affine(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray],
     """Recover (scale, shift) of a chain of original affine nodes by evaluating it on 0 and 1.
 
     The chain is run in float64 by onnx's reference evaluator on a probe tensor with one element
-    per channel; f(0) = shift and f(1) - f(0) = scale.
+    per channel; f(0) = shift and f(1) - f(0) = scale. Constants are fed as inputs, so chains of
+    the same shape (every Conv -> BN of a network) share one evaluator.
     """
     if not nodes:
         return None
-    from onnx.reference import ReferenceEvaluator
-
     used = {name for node in nodes for name in node.input}
     constants = {name: value for name, value in constants.items() if name in used}
     rank = max([rank or 2] + [v.ndim for v in constants.values()])
@@ -168,20 +177,57 @@ def _probe_affine(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray],
     axis = _probe_axis(nodes, constants, rank)
     shape = [1] * rank
     shape[axis] = channels
-    data_name = _data_input(nodes[0], constants)
-    model_nodes = [_as_opset15(node) for node in nodes]
-    inits = [numpy_helper.from_array(np.asarray(v, np.float64), n) for n, v in constants.items()]
-    graph = onnx.helper.make_graph(
-        model_nodes, "probe",
-        [onnx.helper.make_tensor_value_info(data_name, onnx.TensorProto.DOUBLE, shape)],
-        [onnx.helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.DOUBLE, None)],
-        inits,
-    )
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 15)])
-    evaluator = ReferenceEvaluator(model)
-    zero = evaluator.run(None, {data_name: np.zeros(shape)})[0].reshape(-1)
-    one = evaluator.run(None, {data_name: np.ones(shape)})[0].reshape(-1)
+    renamed, feeds = _renamed_chain(nodes, constants)
+    key = (tuple(node.SerializeToString() for node in renamed), tuple(shape),
+           tuple((name, value.shape) for name, value in feeds.items()))
+    evaluator = _EVALUATORS.get(key)
+    if evaluator is None:
+        evaluator = _EVALUATORS[key] = _probe_evaluator(renamed, shape, feeds)
+        if len(_EVALUATORS) > 256:
+            _EVALUATORS.pop(next(iter(_EVALUATORS)))
+    zero = evaluator.run(None, {"x": np.zeros(shape), **feeds})[0].reshape(-1)
+    one = evaluator.run(None, {"x": np.ones(shape), **feeds})[0].reshape(-1)
     return ChannelAffine(one - zero, zero)
+
+
+_EVALUATORS: dict[tuple, object] = {}
+
+
+def _renamed_chain(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray]):
+    """The chain with positional names (x, c0.., v0.., y) and its constants as float64 feeds."""
+    names = {_data_input(nodes[0], constants): "x", nodes[-1].output[0]: "y"}
+    feeds: dict[str, np.ndarray] = {}
+    renamed = []
+    for position, node in enumerate(nodes):
+        copy = _as_opset15(node)
+        copy = _copy_node(copy)
+        copy.name = ""
+        for i, name in enumerate(copy.input):
+            if name in constants and name not in names:
+                names[name] = f"c{len(feeds)}"
+                feeds[names[name]] = np.asarray(constants[name], dtype=np.float64)
+            copy.input[i] = names.get(name, name)
+        if copy.output[0] not in names:
+            names[copy.output[0]] = f"v{position}"
+        copy.output[0] = names[copy.output[0]]
+        renamed.append(copy)
+    return renamed, feeds
+
+
+def _probe_evaluator(nodes: list[onnx.NodeProto], shape: list[int], feeds: dict[str, np.ndarray]):
+    from onnx.reference import ReferenceEvaluator
+
+    double = onnx.TensorProto.DOUBLE
+    inputs = [onnx.helper.make_tensor_value_info("x", double, shape)]
+    inputs += [onnx.helper.make_tensor_value_info(name, double, value.shape) for name, value in feeds.items()]
+    graph = onnx.helper.make_graph(nodes, "probe", inputs, [onnx.helper.make_tensor_value_info("y", double, None)])
+    return ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 15)]))
+
+
+def _copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
 
 
 def _probe_axis(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], rank: int) -> int:
