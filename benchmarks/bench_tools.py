@@ -103,8 +103,8 @@ def _infer(ctx: Ctx, orig: str, folded: str, level: str, runs: int,
     return {k: statistics.median(c[k] for c in per_child) for k in per_child[0]}
 
 
-def _verdict(orig: float, folded: float) -> str:
-    change = folded / orig - 1
+def _verdict(paired_ratio: float) -> str:
+    change = paired_ratio - 1
     if abs(change) < NOISE:
         return f"no difference ({change:+.0%})"
     return f"{'faster' if change < 0 else 'slower'} ({change:+.0%})"
@@ -115,9 +115,10 @@ def inference(ctx: Ctx, names: list[str], runs: int) -> Table:
               "Session creation time (median of 3) and median latency after 5 warm-up runs, over "
               f"≥ {runs} runs (fast models get more: ~6 s of runs per process, see `runs`). Original "
               "and folded model alternate inside one process so load on the machine affects both "
-              f"alike; median over {ctx.k} child process(es). Changes within ±{NOISE:.0%} are "
-              "reported as no difference; `output rel. error` = max abs difference of the two "
-              "outputs / max abs original output. At ORT_ENABLE_BASIC onnxruntime folds Conv+BN "
+              f"alike, and `latency change` is the median of per-pair folded/original ratios; median "
+              f"over {ctx.k} child process(es). Changes within ±{NOISE:.0%} are reported as no "
+              "difference; `output rel. error` = max abs difference of the two outputs / max abs "
+              "original output. At ORT_ENABLE_BASIC onnxruntime folds Conv+BN "
               "itself, so little or no gain is expected there; ORT_DISABLE_ALL shows what folding "
               "buys on its own.",
               ["model", "ORT level", "create (orig)", "create (folded)", "latency (orig)",
@@ -132,6 +133,6 @@ def inference(ctx: Ctx, names: list[str], runs: int) -> Table:
                 continue
             t.rows.append([name, level, fmt_s(res["orig_create_s"]), fmt_s(res["folded_create_s"]),
                            fmt_s(res["orig_latency_s"]), fmt_s(res["folded_latency_s"]),
-                           _verdict(res["orig_latency_s"], res["folded_latency_s"]),
+                           _verdict(res["paired_ratio"]),
                            str(int(res["runs"])), f"{res['rel_err']:.1e}"])
     return t

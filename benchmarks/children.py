@@ -71,16 +71,21 @@ def run_both(keep):
         out[key] = s.run(None, feed)[0]
         if keep:
             lat[key].append(time.perf_counter() - t)
+for _ in range(5):
+    run_both(False)
 t = time.perf_counter()
-for _ in range(5):  # warm-up, also sizes the timed loop
+for _ in range(3):  # after warm-up: sizes the timed loop
     run_both(False)
 # Fast models get more runs (a few ms of noise is a big share of a 5 ms run).
-runs = max(min_runs, int(budget_s / ((time.perf_counter() - t) / 5)))
+runs = max(min_runs, int(budget_s / ((time.perf_counter() - t) / 3)))
 for _ in range(runs):
     run_both(True)
 np.savez(out_npz, **out)
 res = {f"{k}_{m}": statistics.median(v) for m, d in (("create_s", created), ("latency_s", lat)) for k, v in d.items()}
-print(json.dumps({**res, "runs": runs}))
+# Median of per-pair ratios: each pair ran back to back, so a burst of other
+# load on the machine cancels out instead of landing on one model.
+ratio = statistics.median(f / o for o, f in zip(lat["orig"], lat["folded"]))
+print(json.dumps({**res, "runs": runs, "paired_ratio": ratio}))
 """
 
 # --compare tools. Each loads, transforms and saves, like FLOOR, so their

@@ -50,10 +50,6 @@ class Summary:
     def ok(self) -> bool:
         return self.error is None and self.wall_s is not None
 
-    @property
-    def rss_mib(self) -> float | None:
-        return None if self.maxrss_kib is None else self.maxrss_kib / 1024
-
 
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
@@ -89,6 +85,19 @@ with open(result, "w") as fh:
 """
 
 
+def child_env() -> dict[str, str]:
+    """The environment measured children run in: with cached bytecode.
+
+    Some sandboxes set PYTHONDONTWRITEBYTECODE, which makes a source checkout
+    of bnfold recompile every module in every process (~30 ms) while onnx,
+    from site-packages, has its .pyc: unfair, and not what an installed user
+    sees. Caches go to a prefix outside the repository.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.setdefault("PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / "bnfold-bench-pycache"))
+    return env
+
+
 def run_child(argv: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S,
               env: dict[str, str] | None = None) -> Run:
     """Run argv to completion (via LAUNCHER) and return wall time + peak RSS from wait4.
@@ -103,7 +112,8 @@ def run_child(argv: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S,
         # measured command too and nothing is left running.
         launcher = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", LAUNCHER, str(result), str(timeout_s), *argv],
-            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env or child_env(),
+            start_new_session=True)
         try:
             launcher.wait(timeout_s + 60)
         except subprocess.TimeoutExpired:

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from measure import Summary
+from measure import Summary, child_env
 
 
 @dataclass
@@ -144,6 +144,7 @@ def machine_section(repo: Path, argv: list[str], load_at_start: str) -> str:
         # reader how much to trust small differences.
         f"| load average 1/5/15 min, at start → at end | {load_at_start} → {loadavg()} |",
         f"| python | {platform.python_version()} ({sys.executable}) |",
+        f"| children's bytecode cache | PYTHONPYCACHEPREFIX={child_env()['PYTHONPYCACHEPREFIX']} |",
     ]
     lines += [f"| {d} | {version(d)} |" for d in dists]
     return "\n".join(lines) + "\n"
