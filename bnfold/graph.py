@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -83,17 +83,25 @@ def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attribute.graphs
 
 
-def scoped_subgraphs(node: onnx.NodeProto, scope: str) -> Iterator[tuple[str, onnx.GraphProto]]:
-    """Each subgraph of `node` with a stable path naming its scope, e.g. `main/loop.body`."""
-    if not has_subgraphs(node):
-        return
-    owner = node.name or (node.output[0] if node.output else node.op_type)
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield f"{scope}/{owner}.{attr.name}", attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for position, body in enumerate(attr.graphs):
-                yield f"{scope}/{owner}.{attr.name}[{position}]", body
+def scoped_subgraphs(graph: onnx.GraphProto, scope: str) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """Every subgraph of `graph`'s nodes with a path naming its scope, e.g. `main/loop.body`.
+
+    The owner is the node's name (else its first output). Names may repeat, or equal another node's
+    output, so a repeated owner gets `@<first output>` (outputs are unique): two bodies must never
+    share a path, because shapes and provenance are looked up by it.
+    """
+    owners = [(node, node.name or (node.output[0] if node.output else node.op_type))
+              for node in graph.node if has_subgraphs(node)]
+    counts = Counter(owner for _, owner in owners)
+    for node, owner in owners:
+        if counts[owner] > 1:
+            owner = f"{owner}@{node.output[0] if node.output else id(node)}"
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield f"{scope}/{owner}.{attr.name}", attr.g
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for position, body in enumerate(attr.graphs):
+                    yield f"{scope}/{owner}.{attr.name}[{position}]", body
 
 
 def names_used_inside(graph: onnx.GraphProto) -> set[str]:

@@ -76,6 +76,7 @@ class NameRegistry:
         for node in graph.node:
             self.used.update(node.input)
             self.used.update(node.output)
+            self.used.add(node.name)
             for body in subgraphs_of(node):
                 self._collect(body)
 
@@ -138,9 +139,8 @@ class _Folder:
             index = build_index()
             if not cascades:
                 break
-        for node in index.nodes:
-            for path, body in scoped_subgraphs(node, scope):
-                self.fold_graph(body, path, index)
+        for path, body in scoped_subgraphs(graph, scope):
+            self.fold_graph(body, path, index)
         self._drop_outer_orphans(graph, index)
         self.outcome.skipped.extend(explain_skipped(index, scope))
 
@@ -210,10 +210,10 @@ class _Folder:
 
         def name_for(role: str, preferred: str) -> str:
             # Overwrite in place only what nobody else reads; otherwise a fresh, unique name.
-            if role != "value" and preferred in index.initializers and index.consumer_count(preferred) == 1 \
+            if role in ("weight", "bias") and preferred in index.initializers and index.consumer_count(preferred) == 1 \
                     and preferred not in index.overridable and preferred in layer.node.input:
                 return preferred
-            return self.names.fresh(f"{preferred}_bnfold" if role != "value" else preferred)
+            return self.names.fresh(f"{preferred}_bnfold" if role in ("weight", "bias") else preferred)
 
         provenance = self._provenance(index, plan, scope, origin) if self.keep_provenance else None
         nodes, tensors = build_nodes(math_layer, params, x_name, y_name, name_for, self.opset,

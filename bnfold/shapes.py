@@ -52,9 +52,8 @@ def infer_value_infos(model: onnx.ModelProto) -> dict[str, dict[str, ValueInfo]]
 
     def visit(graph: onnx.GraphProto, scope: str) -> None:
         scopes[scope] = value_infos_of(graph)
-        for node in graph.node:
-            for path, body in scoped_subgraphs(node, scope):
-                visit(body, path)
+        for path, body in scoped_subgraphs(graph, scope):
+            visit(body, path)
 
     visit(inferred.graph, "main")
     return scopes

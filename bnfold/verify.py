@@ -258,9 +258,8 @@ def _initializers_by_scope(model: onnx.ModelProto) -> dict[tuple[str, str], onnx
 
     def visit(graph: onnx.GraphProto, scope: str) -> None:
         found.update(((scope, t.name), t) for t in graph.initializer)
-        for node in graph.node:
-            for path, body in scoped_subgraphs(node, scope):
-                visit(body, path)
+        for path, body in scoped_subgraphs(graph, scope):
+            visit(body, path)
 
     visit(model.graph, "main")
     return found

@@ -121,6 +121,9 @@ def broadcast_axis(const_shape: tuple[int, ...], rank: int | None) -> int | None
     """
     varying = [i for i, d in enumerate(const_shape) if d != 1]
     if not varying:
+        if rank is None and len(const_shape) > 0:
+            # [1, 1, 1, 1] on a tensor of unknown rank may add axes: only a 0-d constant is safe.
+            return Refusal(Reason.UNKNOWN_SHAPE, f"tensor rank unknown; constant of shape {list(const_shape)}")
         if rank is not None and len(const_shape) > rank:
             return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"constant of rank {len(const_shape)} expands the tensor")
         return None

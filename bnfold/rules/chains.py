@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
-from bnfold.fold_math import ChannelAffine
+from bnfold.fold_math import ChannelAffine, round_to_dtype
 from bnfold.graph import GraphIndex
 from bnfold.rules.affine_ops import AffineOp, is_candidate, match_affine
-from bnfold.rules.layers import LAYER_OPS, Layer, backward_refusal, forward_refusal, match_layer
+from bnfold.rules.layers import LAYER_OPS, Layer, backward_refusal, forward_refusal, match_layer, overflow_refusal
 
 
 @dataclass
@@ -88,7 +89,7 @@ def plan_pass(index: GraphIndex) -> PassPlan:
         layer = match_layer(node, index)
         if isinstance(layer, Layer):
             post = walk_backward_chain(layer, index)
-            if post and _worth_folding(layer, post):
+            if post and _worth_folding(layer, post) and overflow_refusal(layer, None, compose(post)) is None:
                 by_layer[layer.output] = LayerPlan(layer, post=post)
                 claimed.update(op.output for op in post)
     for node in index.nodes:
@@ -177,7 +178,10 @@ def forward_targets(chain: list[AffineOp], index: GraphIndex, by_layer: dict[str
             return None
         if forward_refusal(layer, chain_axis(chain), chain_channels(chain)) is not None:
             return None
-        if layer.output in by_layer and by_layer[layer.output].pre:
+        planned = by_layer.get(layer.output)
+        if planned is not None and planned.pre:
+            return None
+        if overflow_refusal(layer, compose(chain), planned.post_affine if planned else None) is not None:
             return None
         layers.append(layer)
     return layers
@@ -186,7 +190,13 @@ def forward_targets(chain: list[AffineOp], index: GraphIndex, by_layer: dict[str
 def mergeable(chain: list[AffineOp], index: GraphIndex) -> bool:
     """A chain holding a BN on axis 1 can become one BN (opset >= 7: no consumed_inputs)."""
     has_bn = any(op.node.op_type == "BatchNormalization" for op in chain)
-    return has_bn and chain_axis(chain) in (None, 1) and index.opset >= 7 and chain_channels(chain) > 1
+    if not (has_bn and chain_axis(chain) in (None, 1) and index.opset >= 7 and chain_channels(chain) > 1):
+        return False
+    # The merged scale and shift are stored in the first BN's parameter dtype: they must fit.
+    bn = next(op for op in chain if op.node.op_type == "BatchNormalization")
+    dtype = index.constant(bn.node.input[1]).dtype
+    affine = compose(chain)
+    return all(np.isfinite(round_to_dtype(v, dtype)).all() for v in (affine.scale, affine.shift))
 
 
 def _worth_folding(layer: Layer, post: list[AffineOp]) -> bool:

@@ -11,7 +11,7 @@ import onnx
 from bnfold.graph import GraphIndex
 from bnfold.report import Reason, SkippedRecord
 from bnfold.rules.affine_ops import AffineOp, is_default_domain, match_batch_norm
-from bnfold.rules.layers import Layer, backward_refusal, forward_refusal, match_layer
+from bnfold.rules.layers import Layer, backward_refusal, forward_refusal, match_layer, overflow_refusal
 from bnfold.rules.refusal import Refusal
 
 
@@ -56,7 +56,7 @@ def _backward_refusal(op: AffineOp, index: GraphIndex) -> Refusal | None:
     if index.consumer_count(layer.output) > 1:
         count = index.consumer_count(layer.output)
         return Refusal(Reason.PRODUCER_HAS_OTHER_CONSUMERS, f"{layer.kind} '{name}' output has {count} consumers")
-    refusal = backward_refusal(layer, op.axis, op.affine.channels)
+    refusal = backward_refusal(layer, op.axis, op.affine.channels) or overflow_refusal(layer, None, op.affine)
     return refusal or Refusal(Reason.NO_FOLDABLE_NEIGHBOUR, f"{layer.kind} '{name}' was not folded")
 
 
@@ -76,7 +76,7 @@ def _forward_refusal(op: AffineOp, index: GraphIndex) -> Refusal | None:
             return layer
         if layer.data_input != op.output:
             return Refusal(Reason.CONSUMER_NOT_FOLDABLE, f"feeds a parameter of {layer.kind} '{consumer.name}'")
-        refusal = forward_refusal(layer, op.axis, op.affine.channels)
+        refusal = forward_refusal(layer, op.axis, op.affine.channels) or overflow_refusal(layer, op.affine, None)
         if refusal is not None:
             return refusal
     return Refusal(Reason.CONSUMER_NOT_FOLDABLE, "consumers could not all absorb it")

@@ -187,6 +187,42 @@ def fold_parameters(layer: Layer, pre: ChannelAffine | None, post: ChannelAffine
     return FoldedParameters(weight, bias)
 
 
+def overflow_refusal(layer: Layer, pre: ChannelAffine | None, post: ChannelAffine | None) -> Refusal | None:
+    """Folding must not push a parameter past its dtype's range: a float16 weight scaled by a large
+    gamma/sqrt(var + eps) would become inf and silently change the outputs. A cheap magnitude bound
+    clears almost every layer; only near the limit are the parameters computed and checked."""
+    limit = _largest_finite(layer.weight.dtype)
+    peaks = [_peak(layer.weight)] + ([_peak(layer.bias)] if layer.bias is not None else [])
+    if limit is None or not all(np.isfinite(peaks)):
+        return None  # non-finite parameters stay what they are: nothing new can overflow
+    fan_in = layer.weight.size // max(layer.out_channels, 1)
+    gain = 1.0 + max(abs(layer.attributes.get("alpha", 1.0)), abs(layer.attributes.get("beta", 1.0)))
+    if pre is not None:
+        gain *= (1.0 + fan_in) * max(1.0, _peak(pre.scale), _peak(pre.shift))
+    if post is not None:
+        gain *= max(1.0, _peak(post.scale))
+    bound = sum(peaks) * gain + (_peak(post.shift) if post is not None else 0.0)
+    if np.isfinite(bound) and bound < limit / 2:
+        return None
+    params = fold_parameters(layer, pre, post)
+    for values in (params.weight, params.bias):
+        if values is not None and not np.isfinite(fold_math.round_to_dtype(values, layer.weight.dtype)).all():
+            return Refusal(Reason.INVALID_PARAMS, f"folded {layer.kind} parameters would overflow {layer.weight.dtype}")
+    return None
+
+
+def _peak(values: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(values, dtype=np.float64)), initial=0.0))
+
+
+def _largest_finite(dtype: np.dtype) -> float | None:
+    if dtype.name == "bfloat16":
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+    return float(np.finfo(dtype).max) if dtype.kind == "f" else None
+
+
 # Allocates an initializer name for a role ("weight"/"bias") of the layer, given a preferred name.
 NameFor = Callable[[str, str], str]
 
@@ -230,5 +266,6 @@ def build_nodes(
     matmul_output = f"{y_name}_bnfold_matmul"
     node.input.extend([x_name, weight_name])
     node.output[0] = name_for("value", matmul_output)
-    add = onnx.helper.make_node("Add", [node.output[0], bias_name], [y_name], name=f"{layer.node.name}_bias")
+    add_name = name_for("node", f"{layer.node.name}_bias") if layer.node.name else ""
+    add = onnx.helper.make_node("Add", [node.output[0], bias_name], [y_name], name=add_name)
     return [node, add], tensors
