@@ -212,7 +212,10 @@ def overflow_refusal(layer: Layer, pre: ChannelAffine | None, post: ChannelAffin
 
 
 def _peak(values: np.ndarray) -> float:
-    return float(np.max(np.abs(np.asarray(values, dtype=np.float64)), initial=0.0))
+    """max |values| without a temporary copy (weights can be hundreds of MB, or memory-mapped)."""
+    if values.size == 0:
+        return 0.0
+    return max(abs(float(values.max())), abs(float(values.min())))
 
 
 def _largest_finite(dtype: np.dtype) -> float | None:
