@@ -49,7 +49,7 @@ def _verification_lines(report: Report) -> list[str]:
     lines.append(f"  {engine}: {verification.runtime_status}")
     for output in verification.outputs:
         lines.append(f"    {output.name:<24} max abs {output.max_abs_error:.3g}  max rel {output.max_rel_error:.3g}  "
-                     f"rtol {output.rtol:g} atol {output.atol:g}  {'ok' if output.passed else 'FAIL'}")
+                     f"rtol {output.rtol:.3g} atol {output.atol:.3g}  {'ok' if output.passed else 'FAIL'}")
     return lines
 
 
@@ -86,7 +86,7 @@ def to_markdown(report: Report) -> str:
         status = f"{verification.runtime_engine} {verification.runtime_status}, seed {verification.seed}"
         lines += ["", f"Verification: **{verdict}** ({status})", "",
                   "| output | max abs | max rel | rtol | atol | result |", "|---|---:|---:|---:|---:|---|"]
-        lines += [f"| {o.name} | {o.max_abs_error:.3g} | {o.max_rel_error:.3g} | {o.rtol:g} | {o.atol:g} | "
+        lines += [f"| {o.name} | {o.max_abs_error:.3g} | {o.max_rel_error:.3g} | {o.rtol:.3g} | {o.atol:.3g} | "
                   f"{'ok' if o.passed else 'FAIL'} |" for o in verification.outputs]
     return "\n".join(lines) + "\n"
 
