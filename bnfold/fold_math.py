@@ -113,7 +113,7 @@ def scaled(weight: FloatArray, factor: FloatArray, out_dtype: np.dtype | None = 
     """`weight * factor` computed in float64; with `out_dtype`, rounded once into it element by
     element, so no float64 copy of a large weight is ever held (bfloat16 keeps the float64 result:
     numpy's cast to it is not a single rounding, `round_to_dtype` does that)."""
-    if out_dtype is None or np.dtype(out_dtype).name == "bfloat16":
+    if out_dtype is None or is_bfloat16(out_dtype):
         return np.multiply(weight, factor, dtype=np.float64)
     out = np.empty(np.broadcast_shapes(weight.shape, factor.shape), dtype=out_dtype)
     np.multiply(weight, factor, out=out, dtype=np.float64, casting="unsafe")
@@ -217,6 +217,17 @@ def matmul_forward(weight: FloatArray, affine: ChannelAffine) -> tuple[FloatArra
 # --- rounding -----------------------------------------------------------------------------------
 
 
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """ml_dtypes' bfloat16 (numpy kind "V"); testing the kind first keeps this cheap on hot paths."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "V" and dtype.name == "bfloat16"
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """A floating-point dtype bnfold folds: float16/32/64 or bfloat16."""
+    return np.dtype(dtype).kind == "f" or is_bfloat16(dtype)
+
+
 def round_to_dtype(values: FloatArray, dtype: np.dtype) -> np.ndarray:
     """Round float64 values once, to nearest-even, into `dtype`.
 
@@ -228,7 +239,7 @@ def round_to_dtype(values: FloatArray, dtype: np.dtype) -> np.ndarray:
     if values.dtype == dtype:
         return values  # already rounded once (see `scaled`)
     values = np.asarray(values, dtype=np.float64)
-    if dtype.name != "bfloat16":
+    if not is_bfloat16(dtype):
         return values.astype(dtype)  # overflow gives inf, which verification reports
     _, exponent = np.frexp(values)  # values = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
     # 8 significant bits for normals; below 2**-126 the spacing stays fixed at 2**-133 (subnormals).

@@ -6,8 +6,6 @@ no rule ever scans the graph (that is what makes other tools quadratic on 10,000
 
 from __future__ import annotations
 
-import math
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,9 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from bnfold.errors import BadInputError
+from bnfold.tensors import tensor_values
 
 if TYPE_CHECKING:  # pragma: no cover
     from bnfold.tensors import TensorStore
@@ -259,30 +256,6 @@ class GraphIndex:
                 return None
             inputs.append(value)
         return _evaluate_node(node, inputs, self.opset, name)
-
-
-_RAW_DTYPES = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.UINT8: np.uint8,
-}
-
-
-def tensor_values(tensor: onnx.TensorProto) -> np.ndarray:
-    """A tensor's values (read-only). Plain little-endian raw data is viewed directly, which is
-    several times faster than numpy_helper.to_array on graphs with tens of thousands of tensors."""
-    dtype = _RAW_DTYPES.get(tensor.data_type)
-    try:
-        if dtype is not None and sys.byteorder == "little" and tensor.HasField("raw_data") \
-                and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            raw = tensor.raw_data
-            shape = tuple(tensor.dims)
-            if len(raw) == math.prod(shape) * np.dtype(dtype).itemsize:
-                return np.frombuffer(raw, dtype=dtype).reshape(shape)
-        return numpy_helper.to_array(tensor)
-    except (ValueError, KeyError, TypeError) as error:
-        # A tensor whose bytes do not match its dims or type: the file is damaged, not our input.
-        raise BadInputError(f"tensor '{tensor.name}' cannot be read ({type(error).__name__}: {error})") from None
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
 
 from bnfold.errors import BadInputError
 from bnfold.serialize import DataFile, estimated_size, raw_size, write_model
@@ -64,14 +63,14 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise BadInputError(f"{path}: cannot read ({error})") from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise BadInputError(f"{path}: not an ONNX model (no graph or IR version)")
-    external = _external_files(model, path.parent)
+    check_supported(model, str(path))
+    tensors = check_structure(model, str(path))
+    external = _external_files(tensors, path.parent)
     missing = sorted(str(p) for p in external if not p.is_file())
     if missing:
         raise BadInputError(f"{path}: external data file missing: {missing[0]}")
     # External data stays in its files: tensors are read when a rule needs them, and streamed from
     # there when the result is written (bnfold.tensors).
-    check_supported(model, str(path))
-    check_structure(model, str(path))
     return LoadedModel(model, path, external, TensorStore(path.parent))
 
 
@@ -86,13 +85,16 @@ def check_supported(model: onnx.ModelProto, label: str) -> None:
             raise BadInputError(f"{label}: opset {opset.version} is newer than this onnx supports ({newest})")
 
 
-def check_structure(model: onnx.ModelProto, label: str) -> None:
+def check_structure(model: onnx.ModelProto, label: str) -> list[onnx.TensorProto]:
     """onnx.checker on the model's skeleton: every node, attribute, name and small tensor is checked,
     while big weights are replaced by empty stand-ins — the checker would otherwise serialise a
-    full copy of them (seconds and gigabytes on large models) to learn nothing about the graph."""
-    from bnfold.shapes import skeleton
+    full copy of them (seconds and gigabytes on large models) to learn nothing about the graph.
+    Returns every tensor of the model (initializers and attribute tensors of all scopes), which the
+    name check walks past anyway."""
+    from bnfold.shapes import weight_free
 
-    bad_name = _non_text_name(model.graph)
+    tensors: list[onnx.TensorProto] = []
+    bad_name = _scan_graph(model.graph, tensors)
     if bad_name is not None:
         raise BadInputError(f"{label}: invalid model: a name is not valid UTF-8 ({bad_name!r})")
     for tensor in model.graph.initializer:  # the skeleton keeps only the types of big tensors
@@ -100,22 +102,30 @@ def check_structure(model: onnx.ModelProto, label: str) -> None:
             raise BadInputError(f"{label}: invalid model: initializer '{tensor.name}' has unknown "
                                 f"data type {tensor.data_type}")
     try:
-        onnx.checker.check_model(skeleton(model, empty_stubs=True))
+        onnx.checker.check_model(weight_free(model, empty_stubs=True))
     except (onnx.checker.ValidationError, ValueError) as error:
         raise BadInputError(f"{label}: invalid model: {_first_line(error)}") from None
+    return tensors
 
 
-def _non_text_name(graph: onnx.GraphProto) -> bytes | None:
-    """A node/value name that protobuf could not decode as UTF-8 (it then hands out bytes)."""
-    from bnfold.graph import subgraphs_of
-
+def _scan_graph(graph: onnx.GraphProto, tensors: list[onnx.TensorProto]) -> bytes | None:
+    """One walk over `graph` and its subgraphs: the first node/value name protobuf could not decode
+    as UTF-8 (it then hands out bytes), if any; every tensor met is appended to `tensors`."""
+    tensors.extend(graph.initializer)
     for node in graph.node:
         for name in (node.name, node.op_type, node.domain, *node.input, *node.output):
             if not isinstance(name, str):
                 return name
-        for body in subgraphs_of(node):
-            if (bad := _non_text_name(body)) is not None:
-                return bad
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attr.t)
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                tensors.extend(attr.tensors)
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else \
+                attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else ()
+            for body in bodies:
+                if (bad := _scan_graph(body, tensors)) is not None:
+                    return bad
     for value in [*graph.input, *graph.output, *graph.initializer]:
         if not isinstance(value.name, str):
             return value.name
@@ -130,9 +140,9 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _external_files(model: onnx.ModelProto, base: Path) -> set[Path]:
+def _external_files(tensors: list[onnx.TensorProto], base: Path) -> set[Path]:
     files = set()
-    for tensor in external_data_helper._get_all_tensors(model):
+    for tensor in tensors:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             info = {entry.key: entry.value for entry in tensor.external_data}
             files.add((base / info.get("location", "")).resolve())

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BadInputError
+from bnfold.fold_math import is_bfloat16, is_float
 from bnfold.model_io import EXTERNAL_ABOVE_BYTES, save_model_atomic
 from bnfold.report import OutputCheck, Verification
 from bnfold.serialize import estimated_size, write_model
@@ -88,7 +89,7 @@ def random_inputs(
                     shape.append(DEFAULT_BATCH if axis == 0 else DEFAULT_DIM)
                     defaulted.setdefault(value.name, []).append(dim.dim_param or f"axis {axis}")
         dtype = input_dtype(value)
-        if dtype.kind == "f" or dtype.name == "bfloat16":
+        if is_float(dtype):
             feeds[value.name] = rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
         elif dtype.kind in "iu":
             feeds[value.name] = rng.integers(0, 4, size=shape).astype(dtype)
@@ -257,7 +258,7 @@ def _run_reference_evaluator(original, folded: onnx.ModelProto, batches, store):
 
 def _max_abs(values) -> float:
     array = np.asarray(values)
-    if array.dtype.kind not in "fc" and array.dtype.name != "bfloat16":
+    if array.dtype.kind not in "fc" and not is_bfloat16(array.dtype):
         return 0.0
     finite = np.abs(array[np.isfinite(array)].astype(np.float64))
     return float(finite.max(initial=0.0))
@@ -303,7 +304,7 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol
     """Element-wise |a - b| <= atol + rtol * |b|; NaN/Inf must sit in the same places."""
     if reference.shape != candidate.shape:
         return OutputCheck(name, float("inf"), float("inf"), atol, rtol, reference.size, reference.size, False)
-    if reference.dtype.kind not in "fc" and reference.dtype.name != "bfloat16":
+    if reference.dtype.kind not in "fc" and not is_bfloat16(reference.dtype):
         mismatches = int((reference != candidate).sum())
         return OutputCheck(name, float(mismatches > 0), float(mismatches > 0), atol, rtol, mismatches,
                            reference.size, mismatches == 0)

@@ -38,6 +38,20 @@ def skeleton(model: onnx.ModelProto, empty_stubs: bool = False) -> onnx.ModelPro
     return skeleton
 
 
+# Below this serialised size a self-contained model is checked as it is: copying its graph into a
+# skeleton would cost more than serialising its few weights.
+SKELETON_ABOVE_BYTES = 16 * 1024 * 1024
+
+
+def weight_free(model: onnx.ModelProto, empty_stubs: bool = False) -> onnx.ModelProto:
+    """What the checker and shape inference should see: the model itself when it is small and all
+    its weights are in the proto, else its `skeleton`."""
+    if model.ByteSize() < SKELETON_ABOVE_BYTES and all(
+            t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return model
+    return skeleton(model, empty_stubs)
+
+
 def infer_value_infos(model: onnx.ModelProto) -> dict[str, dict[str, ValueInfo]]:
     """Value types and shapes per graph scope ("main", "main/<node>.<attr>", ...).
 
@@ -45,7 +59,7 @@ def infer_value_infos(model: onnx.ModelProto) -> dict[str, dict[str, ValueInfo]]
     exports): the rules then refuse what needs an unknown rank instead of guessing.
     """
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model), check_type=False, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(weight_free(model), check_type=False, strict_mode=False)
     except Exception:  # noqa: BLE001 - any inference failure just means "less is known"
         inferred = model
     scopes: dict[str, dict[str, ValueInfo]] = {}

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 import mmap
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
 from bnfold.errors import BadInputError
 
@@ -33,6 +34,31 @@ DEFER_BYTES = 256 * 1024
 
 def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
+
+
+# Types whose raw_data is plain little-endian values of a numpy dtype (the common case).
+_RAW_DTYPES = {
+    onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.DOUBLE: np.dtype(np.float64),
+    onnx.TensorProto.FLOAT16: np.dtype(np.float16), onnx.TensorProto.INT64: np.dtype(np.int64),
+    onnx.TensorProto.INT32: np.dtype(np.int32), onnx.TensorProto.INT8: np.dtype(np.int8),
+    onnx.TensorProto.UINT8: np.dtype(np.uint8),
+} if sys.byteorder == "little" else {}
+
+
+def tensor_values(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values (read-only). Plain raw data is viewed directly, which is several times
+    faster than numpy_helper.to_array on graphs with tens of thousands of tensors."""
+    dtype = _RAW_DTYPES.get(tensor.data_type)
+    try:
+        if dtype is not None and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            raw = tensor.raw_data  # b"" when the values are in a typed field instead
+            shape = tuple(tensor.dims)
+            if raw and len(raw) == math.prod(shape) * dtype.itemsize:
+                return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return numpy_helper.to_array(tensor)
+    except (ValueError, KeyError, TypeError) as error:
+        # A tensor whose bytes do not match its dims or type: the file is damaged, not our input.
+        raise BadInputError(f"tensor '{tensor.name}' cannot be read ({type(error).__name__}: {error})") from None
 
 
 class TensorStore:
@@ -50,8 +76,6 @@ class TensorStore:
 
     def read(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The tensor's values, from wherever they live."""
-        from bnfold.graph import tensor_values
-
         if not self.is_deferred(tensor):
             return tensor_values(tensor)
         info = external_info(tensor)

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnfold.fold_math import ChannelAffine
+from bnfold.fold_math import ChannelAffine, is_bfloat16
 from bnfold.graph import scoped_subgraphs
 from bnfold.report import TensorCheck, Verification
 from bnfold.rewrite import Provenance
@@ -89,13 +89,13 @@ def _run_checker(model: onnx.ModelProto | str, full_check: bool) -> None:
     """onnx.checker, plus strict shape inference with `full_check` — both on the weight-free
     skeleton (weights cannot change either verdict; serialising them for the checker costs a full
     copy of the model and, above 2 GB, a trip through the disk)."""
-    from bnfold.shapes import skeleton
+    from bnfold.shapes import weight_free
 
     if isinstance(model, str):
         model = onnx.load(model, load_external_data=False)
-    onnx.checker.check_model(skeleton(model, empty_stubs=True))
+    onnx.checker.check_model(weight_free(model, empty_stubs=True))
     if full_check:
-        onnx.shape_inference.infer_shapes(skeleton(model), check_type=True, strict_mode=True)
+        onnx.shape_inference.infer_shapes(weight_free(model), check_type=True, strict_mode=True)
 
 
 # --- analytic check ------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def ulp_error(written: np.ndarray, expected: np.ndarray) -> float:
     """
     if written.shape != expected.shape:
         return float("inf")
-    dtype = written.dtype if written.dtype.name != "bfloat16" else np.dtype(np.float32)
+    dtype = written.dtype if not is_bfloat16(written.dtype) else np.dtype(np.float32)
     with np.errstate(invalid="ignore", over="ignore"):
         error = written.astype(np.float64)
         error -= expected
@@ -138,7 +138,7 @@ def ulp_error(written: np.ndarray, expected: np.ndarray) -> float:
             error = np.where(same, 0.0, np.nan_to_num(error, nan=np.inf))
         spacing = np.spacing(expected.astype(dtype))
         np.abs(spacing, out=spacing)
-        if written.dtype.name == "bfloat16":
+        if is_bfloat16(written.dtype):
             spacing *= 2.0**16  # bfloat16 keeps 8 of float32's 24 significant bits
         largest = float(np.max(np.abs(expected), initial=0.0))
         error -= RECOMPUTE_SLACK * (largest if np.isfinite(largest) else 0.0)

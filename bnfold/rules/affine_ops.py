@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from bnfold.fold_math import ChannelAffine, InvalidAffineError, bn_affine, scale_affine, shift_affine
+from bnfold.fold_math import ChannelAffine, InvalidAffineError, bn_affine, is_float, scale_affine, shift_affine
 from bnfold.graph import GraphIndex, attribute
 from bnfold.report import Reason
 from bnfold.rules.refusal import Refusal
@@ -69,7 +69,7 @@ def match_batch_norm(node: onnx.NodeProto, index: GraphIndex) -> AffineOp | Refu
         value = index.constant(name)
         if value is None:
             return Refusal(Reason.PARAMS_NOT_CONSTANT, f"{role} '{name}' is not a constant")
-        if value.dtype.kind != "f" and value.dtype.name != "bfloat16":
+        if not is_float(value.dtype):
             return Refusal(Reason.UNSUPPORTED_DTYPE, f"{role} has dtype {value.dtype}")
         params.append(value)
     sizes = {p.size for p in params}
@@ -96,7 +96,7 @@ def _match_arithmetic(node: onnx.NodeProto, index: GraphIndex, rank: int | None)
     # The data tensor's own rank (when shape inference knows it) beats the caller's hint: a constant
     # of higher rank would broadcast the tensor up, which is not an affine map of it.
     rank = index.rank(data_input) if index.rank(data_input) is not None else rank
-    if const.dtype.kind != "f" and const.dtype.name != "bfloat16":
+    if not is_float(const.dtype):
         return Refusal(Reason.UNSUPPORTED_DTYPE, f"{node.op_type} constant has dtype {const.dtype}")
     axis = broadcast_axis(const.shape, rank)
     if isinstance(axis, Refusal):

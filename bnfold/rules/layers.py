@@ -8,6 +8,7 @@ MatMul + Add otherwise.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ import numpy as np
 import onnx
 
 from bnfold import fold_math
-from bnfold.fold_math import ChannelAffine
+from bnfold.fold_math import ChannelAffine, is_bfloat16, is_float
 from bnfold.graph import GraphIndex, attribute
 from bnfold.report import Reason
 from bnfold.rules.affine_ops import is_default_domain
@@ -58,7 +59,7 @@ def match_layer(node: onnx.NodeProto, index: GraphIndex) -> Layer | Refusal | No
     weight = index.constant(node.input[1])
     if weight is None:
         return Refusal(Reason.WEIGHT_NOT_CONSTANT, f"{node.op_type} weight '{node.input[1]}' is not a constant")
-    if weight.dtype.kind != "f" and weight.dtype.name != "bfloat16":
+    if not is_float(weight.dtype):
         return Refusal(Reason.UNSUPPORTED_DTYPE, f"{node.op_type} weight has dtype {weight.dtype}")
     bias = None
     if len(node.input) > 2 and node.input[2]:
@@ -218,8 +219,9 @@ def _peak(values: np.ndarray) -> float:
     return max(abs(float(values.max())), abs(float(values.min())))
 
 
+@functools.cache
 def _largest_finite(dtype: np.dtype) -> float | None:
-    if dtype.name == "bfloat16":
+    if is_bfloat16(dtype):
         import ml_dtypes
 
         return float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
