@@ -145,17 +145,19 @@ class GraphIndex:
         self.nodes = list(graph.node)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = defaultdict(list)
+        producer, consumers = self.producer, self.consumers  # locals: this loop sees every node
         for index, node in enumerate(self.nodes):
             for output in node.output:
                 if output:
-                    self.producer[output] = index
+                    producer[output] = index
             for name in node.input:
                 if name:
-                    self.consumers[name].append(index)
-            for body in subgraphs_of(node):
-                for name in names_used_inside(body):
-                    if index not in self.consumers[name]:
-                        self.consumers[name].append(index)
+                    consumers[name].append(index)
+            if has_subgraphs(node):
+                for body in subgraphs_of(node):
+                    for name in names_used_inside(body):
+                        if index not in consumers[name]:
+                            consumers[name].append(index)
         self.graph_outputs = {output.name for output in graph.output}
         self.initializers = {tensor.name: tensor for tensor in graph.initializer}
         graph_inputs = {value.name for value in graph.input}
@@ -169,6 +171,14 @@ class GraphIndex:
         # may be passed as a callable and is then run on first use only.
         self._value_infos = value_infos if value_infos is not None else (lambda: value_infos_of(graph))
         self._constants: dict[str, np.ndarray | None] = {}
+
+    @classmethod
+    def of_constants(cls, nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], opset: int) -> GraphIndex:
+        """An index over `nodes` alone whose constants are the given arrays (used as they are: no
+        tensor protos are built, which for large weights would mean copying them twice)."""
+        index = cls(onnx.helper.make_graph(nodes, "constants", [], []), onnx.IR_VERSION, opset)
+        index._constants.update(constants)
+        return index
 
     # --- structure ---------------------------------------------------------------------------
 

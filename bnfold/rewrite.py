@@ -20,7 +20,14 @@ from onnx import numpy_helper
 
 from bnfold import fold_math
 from bnfold.fold_math import ChannelAffine
-from bnfold.graph import CONSTANT_FOLDABLE_OPS, GraphIndex, names_used_inside, scoped_subgraphs, subgraphs_of
+from bnfold.graph import (
+    CONSTANT_FOLDABLE_OPS,
+    GraphIndex,
+    has_subgraphs,
+    names_used_inside,
+    scoped_subgraphs,
+    subgraphs_of,
+)
 from bnfold.report import FoldedRecord, SkippedRecord
 from bnfold.rules.affine_ops import AffineOp
 from bnfold.rules.chains import LayerPlan, MergePlan, compose, plan_pass
@@ -136,6 +143,8 @@ class _Folder:
             self.outcome.passes += 1
             cascades = _may_cascade(plan.layers, plan.merges)
             self._apply(graph, index, plan.layers, plan.merges, scope)
+            if not cascades and not _needs_index(graph):
+                return  # no BN left to explain, no subgraph to visit: skip re-indexing a big graph
             index = build_index()
             if not cascades:
                 break
@@ -316,6 +325,12 @@ def _may_cascade(layers: list[LayerPlan], merges: list[MergePlan]) -> bool:
     A backward fold into Conv/ConvTranspose/Gemm leaves every neighbour's situation as it was, so
     the common case needs no second full pass."""
     return bool(merges) or any(plan.pre or plan.layer.kind == "MatMul" for plan in layers)
+
+
+def _needs_index(graph: onnx.GraphProto) -> bool:
+    """After the last pass, does the scope still need an index: a BN left to explain, or subgraphs
+    (to fold, with this scope as their outer one, and to clean up after)?"""
+    return any(node.op_type == "BatchNormalization" or has_subgraphs(node) for node in graph.node)
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:

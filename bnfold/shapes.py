@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 
 from bnfold.graph import ValueInfo, scoped_subgraphs, value_infos_of
-from bnfold.serialize import copy_without
+from bnfold.serialize import copy_without, raw_size
 
 # Initializers up to this many elements keep their data: shape inference reads values of small
 # integer tensors (Reshape shapes, Slice bounds); weights never influence shapes.
@@ -45,11 +45,14 @@ SKELETON_ABOVE_BYTES = 16 * 1024 * 1024
 
 def weight_free(model: onnx.ModelProto, empty_stubs: bool = False) -> onnx.ModelProto:
     """What the checker and shape inference should see: the model itself when it is small and all
-    its weights are in the proto, else its `skeleton`."""
-    if model.ByteSize() < SKELETON_ABOVE_BYTES and all(
-            t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return model
-    return skeleton(model, empty_stubs)
+    its weights are in the proto, else its `skeleton`. Sizes come from dims (`raw_size`): upb's
+    ByteSize() would serialise the model to measure it."""
+    size = 0
+    for tensor in model.graph.initializer:
+        size += raw_size(tensor)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or size >= SKELETON_ABOVE_BYTES:
+            return skeleton(model, empty_stubs)
+    return model
 
 
 def infer_value_infos(model: onnx.ModelProto) -> dict[str, dict[str, ValueInfo]]:

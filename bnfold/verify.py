@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from bnfold.fold_math import ChannelAffine, is_bfloat16
 from bnfold.graph import scoped_subgraphs
@@ -30,6 +29,7 @@ from bnfold.tensors import TensorStore
 
 # float64 slack of the recomputation itself, relative to the magnitude of the values involved.
 RECOMPUTE_SLACK = 1e-12
+ULP_SLICE = 1 << 16  # elements per slice of the ulp check (512 kB of float64)
 
 ModelSource = onnx.ModelProto | str | os.PathLike
 
@@ -123,10 +123,20 @@ def ulp_error(written: np.ndarray, expected: np.ndarray) -> float:
 
     A float64 slack proportional to the values' magnitude absorbs the recomputation's own rounding.
     Equal infinities and NaN against NaN count as exact; any other non-finite difference is inf.
-    (Written with in-place operations: this runs over every folded weight.)
+    Computed in slices that stay in cache: this runs over every folded weight, and whole-array
+    float64 temporaries would cost several copies of the model in memory and time.
     """
     if written.shape != expected.shape:
         return float("inf")
+    written, expected = written.reshape(-1), expected.reshape(-1)
+    slices = [slice(start, start + ULP_SLICE) for start in range(0, expected.size, ULP_SLICE)]
+    # NaN anywhere makes `largest` NaN, and then there is no slack (as for inf).
+    largest = float(np.max([np.max(np.abs(expected[s])) for s in slices], initial=0.0))
+    slack = RECOMPUTE_SLACK * (largest if np.isfinite(largest) else 0.0)
+    return max((_ulp_error_slice(written[s], expected[s], slack) for s in slices), default=0.0)
+
+
+def _ulp_error_slice(written: np.ndarray, expected: np.ndarray, slack: float) -> float:
     dtype = written.dtype if not is_bfloat16(written.dtype) else np.dtype(np.float32)
     with np.errstate(invalid="ignore", over="ignore"):
         error = written.astype(np.float64)
@@ -140,8 +150,7 @@ def ulp_error(written: np.ndarray, expected: np.ndarray) -> float:
         np.abs(spacing, out=spacing)
         if is_bfloat16(written.dtype):
             spacing *= 2.0**16  # bfloat16 keeps 8 of float32's 24 significant bits
-        largest = float(np.max(np.abs(expected), initial=0.0))
-        error -= RECOMPUTE_SLACK * (largest if np.isfinite(largest) else 0.0)
+        error -= slack
         np.maximum(error, 0.0, out=error)
         error /= spacing
         worst = float(error.max(initial=0.0))
@@ -152,9 +161,7 @@ def _expected_parameters(record: Provenance) -> list[np.ndarray]:
     """The float64 parameters the folded node(s) should hold, in `record.written` order."""
     from bnfold.graph import GraphIndex
 
-    graph = onnx.helper.make_graph([record.layer_node], "layer", [], [], [
-        numpy_helper.from_array(value, name) for name, value in record.layer_params.items()])
-    layer = match_layer(record.layer_node, GraphIndex(graph, 8, 21))
+    layer = match_layer(record.layer_node, GraphIndex.of_constants([record.layer_node], record.layer_params, 21))
     pre = _probe_affine(record.pre, record.constants, record.pre_rank)
     post = _probe_affine(record.post, record.constants, record.rank)
     params = fold_parameters(layer, pre, post)

@@ -54,9 +54,29 @@ def _count_work(monkeypatch, n: int) -> dict[str, int]:
 @pytest.mark.parametrize("n", [50, 400])
 def test_work_per_conv_bn_pair_is_constant(monkeypatch, n):
     counts = _count_work(monkeypatch, n)
-    # A fixed number of passes, each indexing the graph once: no per-fold re-scan of the graph.
-    assert counts["plans"] == 1 and counts["index_builds"] == 2
-    assert counts["nodes_indexed"] == 2 * n + n  # 2n nodes before the pass, n after
+    # One pass, one index of the graph: no per-fold re-scan, and no re-index afterwards when no BN
+    # is left to explain and there is no subgraph to visit.
+    assert counts["plans"] == 1 and counts["index_builds"] == 1
+    assert counts["nodes_indexed"] == 2 * n
     # Each BN is matched a constant number of times, each dead-value candidate looked at once.
     assert counts["affine_matches"] == n
     assert counts["dead_scans"] == 4 * n  # the four BN parameters of every pair
+
+
+def test_a_bn_left_behind_is_indexed_once_more_and_explained(monkeypatch):
+    """Skipping the re-index is only for graphs with nothing left to explain: a BN that stays (here
+    after a Relu) costs exactly one more index, and gets its reason."""
+    builds = []
+    real_init = graph.GraphIndex.__init__
+
+    def init(self, g, *args, **kwargs):
+        builds.append(len(g.node))
+        real_init(self, g, *args, **kwargs)
+
+    monkeypatch.setattr(graph.GraphIndex, "__init__", init)
+    g = GraphBuilder(rng=np.random.default_rng(0))
+    x = g.bn(g.conv(g.input("x", [1, 4, 2, 2]), 4, 4, kernel=1), 4)
+    y = g.bn(g.relu(x), 4)
+    result = bnfold.fold(g.model([y]), verify=False)
+    assert builds == [4, 3]  # before the pass; after it (conv, relu, the BN left)
+    assert [s.reason.value for s in result.report.skipped] == ["no_foldable_neighbour"]
