@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,11 +41,15 @@ class FoldResult:
         self.store.materialize(self._model)
         return self._model
 
-    def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-        """Write atomically; external data goes to a fresh `<path>.data`, never the input's file."""
+    def save(self, path: str | os.PathLike, external_data: bool | None = None,
+             accept: Callable[[Path | None], bool] | None = None) -> Path | None:
+        """Write atomically; external data goes to a fresh `<path>.data`, never the input's file.
+        `accept` may veto the complete temporary file before it replaces anything (see
+        `save_model_atomic`); the saved path, or None when it did."""
         use_external = self.external_data if external_data is None else external_data
-        saved = save_model_atomic(self._model, path, use_external, self.protected_files, self.store)
-        self.report.output_path = str(saved)
+        saved = save_model_atomic(self._model, path, use_external, self.protected_files, self.store, accept)
+        if saved is not None:
+            self.report.output_path = str(saved)
         return saved
 
 
@@ -79,12 +83,16 @@ def fold(
     save_inputs: str | None = None,
     save_outputs: str | None = None,
     raise_on_failure: bool = True,
+    output: str | os.PathLike | None = None,
 ) -> FoldResult:
     """Fold every exactly-foldable BatchNormalization (and per-channel Mul/Add) of `model`.
 
     With `verify` (the default) the result is checked (onnx checker, analytic weight check,
     onnxruntime with optimizations off); a failed check raises `VerificationError` carrying the
     report, unless `raise_on_failure=False`, in which case `result.report.passed` is False.
+    With `output`, the result is also written there atomically — and verified as written:
+    onnxruntime runs the complete temporary file, which replaces `output` only if it passed
+    (nothing is written otherwise; `result.report.output_path` says where it went).
     """
     working, original, path, protected, store = _open(model)
     report = Report(input_path=None if path is None else str(path), ops_before=op_counts(working))
@@ -92,12 +100,24 @@ def fold(
     report.folded, report.skipped, report.passes = outcome.folded, outcome.skipped, outcome.passes
     report.ops_after = op_counts(working)
     result = FoldResult(working, report, external_data=bool(protected), protected_files=protected, store=store)
-    if verify:
-        config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, list(providers),
-                           save_inputs, save_outputs)
-        report.verification = _verify(original, working, provenance=outcome.provenance, config=config, store=store)
-        if raise_on_failure and not report.verification.passed:
-            raise VerificationError("verification failed: " + "; ".join(report.verification.failures()), report)
+    if not verify:
+        if output is not None:
+            result.save(output)
+        return result
+    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, list(providers),
+                       save_inputs, save_outputs)
+
+    def verified(written: Path | None) -> bool:
+        report.verification = _verify(original, working, provenance=outcome.provenance, config=config, store=store,
+                                      folded_file=written)
+        return report.verification.passed
+
+    if output is None:
+        verified(None)
+    else:
+        result.save(output, accept=verified)
+    if raise_on_failure and not report.verification.passed:
+        raise VerificationError("verification failed: " + "; ".join(report.verification.failures()), report)
     return result
 
 
@@ -112,15 +132,16 @@ def verify(
 ) -> Verification:
     """Compare any two models with the same inputs and outputs (checker + onnxruntime, optimizations
     off). Raises `VerificationError` when they differ; returns the per-output numbers otherwise."""
+    folded_file = None
     if isinstance(folded, onnx.ModelProto):
         folded_model, store = folded, TensorStore()
     else:
         loaded = load_model(folded)
-        folded_model, store = loaded.model, loaded.store
+        folded_model, store, folded_file = loaded.model, loaded.store, loaded.path
     if not isinstance(original, onnx.ModelProto):
         original = load_model(original).path
     config = RunConfig(seed, dict(input_shapes or {}), atol, rtol)
-    result = _verify(original, folded_model, config=config, store=store)
+    result = _verify(original, folded_model, config=config, store=store, folded_file=folded_file)
     if not result.passed:
         report = Report(verification=result)
         raise VerificationError("verification failed: " + "; ".join(result.failures()), report)

@@ -63,10 +63,10 @@ def run_job(job: Job) -> JobResult:
             if not checked.report.passed:
                 findings += [f"verification: {line}" for line in checked.report.verification.failures()]
             return JobResult(job.model, EXIT_OK if checked.clean else EXIT_FAILED, checked.report, None, findings)
-        result = api.fold(job.model, raise_on_failure=False, **job.options)
+        # Written through a temporary file that is verified as written, then renamed into place.
+        result = api.fold(job.model, raise_on_failure=False, output=job.output, **job.options)
         if not result.report.passed:
             return JobResult(job.model, EXIT_FAILED, result.report, "verification failed; nothing written")
-        result.save(job.output)
         return JobResult(job.model, EXIT_OK, result.report)
     except BnfoldError as error:
         return JobResult(job.model, error.exit_code, getattr(error, "report", None), str(error))

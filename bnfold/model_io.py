@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,12 +153,16 @@ def _external_files(tensors: list[onnx.TensorProto], base: Path) -> set[Path]:
 def save_model_atomic(
     model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False,
     protected: set[Path] | None = None, store: TensorStore | None = None,
-) -> Path:
+    accept: Callable[[Path | None], bool] | None = None,
+) -> Path | None:
     """Write `model` to `path` so that a crash leaves either the old file or the complete new one.
 
     With `external_data` (forced above the 2 GB protobuf limit) tensors go to a *fresh* file
     `<name>.data` beside it (never appended to, never one of the `protected` input data files).
     Tensor data is streamed (from `store` for deferred tensors), never copied in memory whole.
+    `accept` is asked before the new file replaces anything, with the complete temporary file (or
+    None when the model has external data: its temporary file names a data file not in place
+    yet); if it says no, nothing is written and None is returned.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -182,6 +187,8 @@ def save_model_atomic(
                     os.fsync(data_handle.fileno())
             handle.flush()
             os.fsync(handle.fileno())
+        if accept is not None and not accept(Path(temp_model) if data_path is None else None):
+            return None
         if data_path is not None:
             os.replace(temp_files[1], data_path)
         os.replace(temp_model, path)

@@ -151,8 +151,9 @@ class _CannotRun(Exception):
 
 
 def compare_outputs(original, folded: onnx.ModelProto, result: Verification, config: RunConfig,
-                    store: TensorStore | None = None) -> None:
+                    store: TensorStore | None = None, folded_file: str | os.PathLike | None = None) -> None:
     """Fill `result.outputs` and `result.runtime_status`; never reports a pass it did not compute.
+    onnxruntime loads the folded model from `folded_file` when given (the same model, on disk).
 
     When onnxruntime has no kernel for the original model (BN-6 and other pre-opset-7 exports), both
     models are run by onnx's reference evaluator instead, and the report says so.
@@ -166,7 +167,8 @@ def compare_outputs(original, folded: onnx.ModelProto, result: Verification, con
         raise BadInputError(f"execution provider {unavailable} is not available in this onnxruntime "
                             f"(available: {', '.join(_available())})")
     try:
-        names, references, candidates = _run_onnxruntime(original, folded, batches, config, defaulted, result, store)
+        names, references, candidates = _run_onnxruntime(original, folded if folded_file is None else str(folded_file),
+                                                         batches, config, defaulted, result, store)
     except _CannotRun as why:
         if config.providers:
             result.runtime_status = f"not run: --providers need onnxruntime, but {why}"

@@ -42,25 +42,28 @@ def verify(
     config: RunConfig | None = None,
     run_onnxruntime: bool = True,
     store: TensorStore | None = None,
+    folded_file: str | os.PathLike | None = None,
 ) -> Verification:
-    """Check `folded` against `original`; the result's `.passed` says whether every check passed."""
+    """Check `folded` against `original`; the result's `.passed` says whether every check passed.
+    `folded_file`: the same model as written to disk, which onnxruntime then runs (so what is
+    verified is exactly what was written, and no second serialisation is needed)."""
     config = config or RunConfig()
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         # Overflow/NaN warnings from numpy or onnx's evaluator would leak onto stderr; every
         # non-finite value is already compared and reported explicitly.
         warnings.simplefilter("ignore", RuntimeWarning)
-        return _verify(original, folded, provenance, config, run_onnxruntime, store)
+        return _verify(original, folded, provenance, config, run_onnxruntime, store, folded_file)
 
 
 def _verify(original, folded, provenance, config: RunConfig, run_onnxruntime: bool,
-            store: TensorStore | None) -> Verification:
+            store: TensorStore | None, folded_file: str | os.PathLike | None) -> Verification:
     result = Verification(seed=config.seed)
     store = store or TensorStore()
     store.materialize(folded, nested_only=True)  # subgraph tensors are checked with their graphs
     result.checker_passed, result.checker_message = _check_model(folded, original, store)
     result.tensors = analytic_checks(folded, provenance, store)
     if run_onnxruntime:
-        compare_outputs(original, folded, result, config, store)
+        compare_outputs(original, folded, result, config, store, folded_file)
     else:
         result.runtime_status = "not run: switched off"
     return result

@@ -1,0 +1,128 @@
+"""`bnfold.fold(..., output=PATH)` (and so the CLI) verifies the file it writes: onnxruntime runs
+the complete temporary file, which is renamed into place only if verification passed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import bnfold
+from bnfold import VerificationError, model_io, runtime
+
+SAMPLES_DIR = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def _copy(tmp_path: Path, name: str) -> Path:
+    target = tmp_path / name
+    shutil.copyfile(SAMPLES_DIR / name, target)
+    return target
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _bns(path: Path) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
+
+
+def _record_sessions(monkeypatch) -> list:
+    """Every model handed to onnxruntime: (path, sha256 of its bytes at that moment) or the proto."""
+    seen = []
+    real_session = runtime.session
+
+    def session(model, *args, **kwargs):
+        seen.append((str(model), _sha(Path(model))) if isinstance(model, (str, os.PathLike)) else model)
+        return real_session(model, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "session", session)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny.onnx", "mlp_bn1d.onnx", "fp16_cnn.onnx"])
+def test_onnxruntime_runs_exactly_the_bytes_that_land(tmp_path, monkeypatch, name):
+    model = _copy(tmp_path, name)
+    out = tmp_path / "out" / "folded.onnx"
+    out.parent.mkdir()
+    seen = _record_sessions(monkeypatch)
+    result = bnfold.fold(model, output=out)
+    assert result.report.passed and result.report.output_path == str(out)
+    (reference, _), (candidate, candidate_sha) = seen
+    assert reference == str(model)
+    # The candidate was the temporary file beside the output, and it is what now sits at `out`.
+    assert Path(candidate).parent == out.parent and candidate.endswith(".tmp")
+    assert not Path(candidate).exists()
+    assert candidate_sha == _sha(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["folded.onnx"]
+    assert _bns(out) == _bns(model) - sum(r.op_type == "BatchNormalization" for r in result.report.folded)
+
+
+def _corrupting_writer(monkeypatch):
+    """A serialiser that writes the model with one folded weight doubled: the in-memory model is
+    right, the file is wrong."""
+    real_write = model_io.write_model
+
+    def write_model(model, handle, store=None, *args):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        if store is not None:
+            store.materialize(copy, keep_pending=True)
+        tensor = next(t for t in copy.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2)
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(2), tensor.name))
+        return real_write(copy, handle, None, *args)
+
+    monkeypatch.setattr(model_io, "write_model", write_model)
+
+
+def test_a_file_that_differs_from_the_folded_model_fails_and_is_not_written(tmp_path, monkeypatch):
+    model = _copy(tmp_path, "resnet_tiny.onnx")
+    out = tmp_path / "folded.onnx"
+    _corrupting_writer(monkeypatch)
+    # In memory the fold is right: without an output everything passes.
+    assert bnfold.fold(model).report.passed
+    with pytest.raises(VerificationError) as caught:
+        bnfold.fold(model, output=out)
+    verification = caught.value.report.verification
+    assert all(t.passed for t in verification.tensors)  # the in-memory weights are right ...
+    assert not all(o.passed for o in verification.outputs)  # ... the written file is not
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet_tiny.onnx"]  # no temporary left
+
+
+def test_failed_verification_without_raising_writes_nothing(tmp_path, monkeypatch):
+    model = _copy(tmp_path, "mlp_bn1d.onnx")
+    out = tmp_path / "folded.onnx"
+    _corrupting_writer(monkeypatch)
+    result = bnfold.fold(model, output=out, raise_on_failure=False)
+    assert not result.report.passed
+    assert result.report.output_path is None
+    assert not out.exists()
+
+
+def test_without_verification_output_is_written_directly(tmp_path, monkeypatch):
+    model = _copy(tmp_path, "mlp_bn1d.onnx")
+    out = tmp_path / "folded.onnx"
+    seen = _record_sessions(monkeypatch)
+    result = bnfold.fold(model, output=out, verify=False)
+    assert seen == [] and result.report.verification is None
+    assert result.report.output_path == str(out) and out.exists()
+    assert _sha(model) == _sha(SAMPLES_DIR / "mlp_bn1d.onnx")
+
+
+def test_in_place_is_verified_against_the_untouched_original(tmp_path, monkeypatch):
+    model = _copy(tmp_path, "resnet_tiny.onnx")
+    original_sha = _sha(model)
+    seen = _record_sessions(monkeypatch)
+    folded = bnfold.fold(model, output=model).report.folded
+    (reference, reference_sha), (candidate, _) = seen
+    assert reference == str(model) and reference_sha == original_sha  # read before the rename
+    assert candidate != str(model)
+    assert _sha(model) != original_sha
+    assert folded and _bns(model) == _bns(SAMPLES_DIR / "resnet_tiny.onnx") - len(folded)
