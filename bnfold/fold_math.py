@@ -69,8 +69,8 @@ class ChannelAffine:
 def bn_affine(
     gamma: FloatArray, beta: FloatArray, mean: FloatArray, var: FloatArray, eps: float
 ) -> ChannelAffine:
-    """The affine map of inference BatchNormalization, computed in float64."""
-    params = np.array([np.reshape(a, -1) for a in (gamma, beta, mean, var)], dtype=np.float64)
+    """The affine map of inference BatchNormalization (each parameter a [C] vector), in float64."""
+    params = np.array((gamma, beta, mean, var), dtype=np.float64)  # [4, C]
     gamma, beta, mean, var = params
     if not np.isfinite(params).all() or not np.isfinite(eps):
         raise InvalidAffineError("BN parameters contain NaN or Inf")

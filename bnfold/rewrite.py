@@ -193,16 +193,11 @@ class _Folder:
         self.orphaned.update(n for n in maybe_dead if n not in index.initializers and n not in index.producer)
         for position, node in replaced.items():
             graph.node[position].CopyFrom(node)
-        for position in sorted(removed, reverse=True):
-            del graph.node[position]
+        _delete_positions(graph.node, removed)
         if dead_names:
-            doomed = [i for i, t in enumerate(graph.initializer) if t.name in dead_names]
-            for position in reversed(doomed):
-                del graph.initializer[position]
+            _delete_positions(graph.initializer, [i for i, t in enumerate(graph.initializer) if t.name in dead_names])
             # IR < 4 lists every initializer as a graph input too: drop the listing with the value.
-            listed = [i for i, v in enumerate(graph.input) if v.name in dead_names]
-            for position in reversed(listed):
-                del graph.input[position]
+            _delete_positions(graph.input, [i for i, v in enumerate(graph.input) if v.name in dead_names])
 
     def _fold_layer(self, graph, index, plan: LayerPlan, scope, replaced, removed, maybe_dead) -> None:
         layer = plan.layer
@@ -325,6 +320,18 @@ def _may_cascade(layers: list[LayerPlan], merges: list[MergePlan]) -> bool:
     A backward fold into Conv/ConvTranspose/Gemm leaves every neighbour's situation as it was, so
     the common case needs no second full pass."""
     return bool(merges) or any(plan.pre or plan.layer.kind == "MatMul" for plan in layers)
+
+
+def _delete_positions(container, positions: Iterable[int]) -> None:
+    """Delete these positions of a repeated protobuf field, a contiguous run per call: each delete
+    shifts the tail, so runs (a BN's four parameters sit side by side) save most of that work."""
+    ordered = sorted(positions, reverse=True)
+    run_end = 0
+    for index, position in enumerate(ordered):
+        if index == 0 or position != ordered[index - 1] - 1:
+            run_end = position + 1
+        if index + 1 == len(ordered) or ordered[index + 1] != position - 1:
+            del container[position:run_end]
 
 
 def _needs_index(graph: onnx.GraphProto) -> bool:

@@ -76,7 +76,7 @@ class TensorStore:
 
     def read(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The tensor's values, from wherever they live."""
-        if not self.is_deferred(tensor):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:  # (is_deferred, inlined: a hot path)
             return tensor_values(tensor)
         info = external_info(tensor)
         if info.get("location") == PENDING_LOCATION:
