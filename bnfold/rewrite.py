@@ -295,7 +295,11 @@ class _Folder:
             return Provenance(scope, earlier.layer_node, earlier.layer_params, pre + earlier.pre, earlier.post + post,
                               {**earlier.constants, **constants}, earlier.rank, pre_rank or earlier.pre_rank, [], "")
         layer = plan.layer
-        params = {n: index.constant(n) for n in layer.node.input[1:] if n}
+        # The arrays the plan read (read-only views of the stored values): reading them again
+        # would hold a second copy of every folded weight until verification.
+        params = {layer.node.input[1]: layer.weight}
+        if layer.bias is not None:
+            params[layer.node.input[2]] = layer.bias
         return Provenance(scope, _copy(layer.node), params, pre, post, constants, layer.output_rank, pre_rank, [], "")
 
 
