@@ -658,8 +658,16 @@ def versions() -> str:
             pk.append(f"{p} {importlib.metadata.version(p)}")
         except importlib.metadata.PackageNotFoundError:
             pk.append(f"{p} not installed")
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True, text=True,  # noqa: E731
+                                        check=True).stdout.strip()
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "bnfold")
+        src = f"bnfold source at git {rev}" + (" with uncommitted changes in bnfold/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        src = "bnfold source: not a git checkout"
     return (f"Python {platform.python_version()} on {platform.system()} {platform.machine()}, "
-            f"{os.cpu_count()} CPUs; " + ", ".join(pk))
+            f"{os.cpu_count()} CPUs; " + ", ".join(pk) + f" ({src})")
 
 
 def write_report(results: list[tuple[Spec, dict[str, Cell]]], path: Path) -> str:
