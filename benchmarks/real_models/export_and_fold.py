@@ -8,6 +8,10 @@ Run with a Python that has torch, torchvision, onnx, onnxruntime, numpy and bnfo
     /work/torchvenv/bin/pip install -e .
     /work/torchvenv/bin/python benchmarks/real_models/export_and_fold.py
 
+torch and torchvision must be matching builds: a CPU-only torch ("+cpu") with PyPI's default (CUDA)
+torchvision fails at ``import torchvision`` with "operator torchvision::nms does not exist". The
+recorded run used PyPI's default torch 2.14.1 + torchvision 0.29.1 (both +cu130; runs on CPU).
+
 What it does, per model:
 
 1. builds the model with random weights (fixed seed), randomizes every BatchNorm's statistics and
@@ -393,7 +397,9 @@ def write_markdown(results: dict, path: Path) -> None:
         groups = {}
         for x in left:
             a = x["analysis"]
-            key = (f"{a['producer']} (output read by {a['producer_readers']}) → BN → {', '.join(a['consumers'])}",
+            parts = x["node"].strip("/").split("/")
+            role = parts[-2] if len(parts) >= 2 else x["node"]  # the torch module name, e.g. norm1, norm5
+            key = (f"{a['producer']} (output read by {a['producer_readers']}) → BN `{role}` → {', '.join(a['consumers'])}",
                    x["reason"], a["verdict"])
             groups.setdefault(key, []).append(x)
         for (pattern, reason, verdict), members in groups.items():
