@@ -29,6 +29,14 @@ class Ctx:
     # reused by another (e.g. bnfold's fold time in the --compare table).
     cache: dict[tuple[str, str], Summary] = field(default_factory=dict)
     folded: dict[str, Path | str] = field(default_factory=dict)
+    # Every target checked, for the summary at the top of RESULTS.md: (target id, model,
+    # measured, limit, met).
+    targets: list[tuple[str, str, str, str, bool | None]] = field(default_factory=list)
+
+    def check(self, target: str, model: str, measured: str, limit: str, met: bool | None) -> str:
+        """Record one target's outcome; returns its ✓/✗ cell."""
+        self.targets.append((target, model, measured, limit, met))
+        return mark(met)
 
 
 def op_counts(path: Path) -> Counter[str]:
@@ -69,10 +77,13 @@ def fold_vs_floor(ctx: Ctx, names: list[str]) -> Table:
         wr = ratio(fold.maxrss_kib * 1024 if fold.maxrss_kib else None, info.weight_bytes)
         t.rows.append([
             name + (" (external)" if info.external else ""), fmt_bytes(info.weight_bytes),
-            time_cell(floor), time_cell(fold), fmt_ratio(tr), mark(None if tr is None else tr <= TIME_TARGET),
-            rss_cell(floor), rss_cell(fold), fmt_ratio(rr), mark(None if rr is None else rr <= RSS_TARGET),
+            time_cell(floor), time_cell(fold), fmt_ratio(tr),
+            ctx.check("time", name, fmt_ratio(tr), f"≤ {TIME_TARGET}× floor", None if tr is None else tr <= TIME_TARGET),
+            rss_cell(floor), rss_cell(fold), fmt_ratio(rr),
+            ctx.check("rss", name, fmt_ratio(rr), f"≤ {RSS_TARGET}× floor", None if rr is None else rr <= RSS_TARGET),
             fmt_ratio(wr) if info.external else "–",
-            mark(None if wr is None or not info.external else wr <= EXT_RSS_TARGET),
+            ctx.check("external_rss", name, fmt_ratio(wr), f"≤ {EXT_RSS_TARGET}× weights",
+                      None if wr is None else wr <= EXT_RSS_TARGET) if info.external else "–",
             bn_left(ctx, name)])
     t.notes.append("`BN left`: BatchNormalization nodes in bnfold's output (from one extra, "
                    "unmeasured run); `–` when that run was skipped or failed.")
@@ -105,18 +116,22 @@ def scaling(ctx: Ctx, names: list[str]) -> Table:
         net = (fold.wall_s - base.wall_s) / pairs if fold.ok and base.ok else None
         if net is not None:
             per_pair[pairs] = net
-        target, ok = "", None
+        target, ok_cell = "", "–"
         if pairs >= 10000:
-            target, ok = f"< {PAIRS_10K_TARGET_S:g} s", fold.ok and fold.wall_s < PAIRS_10K_TARGET_S
+            target = f"< {PAIRS_10K_TARGET_S:g} s"
+            ok_cell = ctx.check("pairs_10k", name, time_cell(fold), target,
+                                fold.ok and fold.wall_s < PAIRS_10K_TARGET_S)
         elif pairs == 1000:
             target = "reference for linearity"
         t.rows.append([name, str(info.nodes), fmt_bytes(info.file_bytes), time_cell(floor),
-                       time_cell(fold), rss_cell(fold), fmt_s(net), target, mark(ok)])
+                       time_cell(fold), rss_cell(fold), fmt_s(net), target, ok_cell])
     if 1000 in per_pair and len(per_pair) > 1:
         top = max(per_pair)
         lin = per_pair[top] / per_pair[1000]
         t.rows.append([f"linearity: net/pair at {top} ÷ at 1000", "", "", "", "", "",
-                       fmt_ratio(lin), f"≤ {LINEARITY_TARGET}×", mark(lin <= LINEARITY_TARGET)])
+                       fmt_ratio(lin), f"≤ {LINEARITY_TARGET}×",
+                       ctx.check("linearity", f"pairs_{top} vs pairs_1000", fmt_ratio(lin),
+                                 f"≤ {LINEARITY_TARGET}×", lin <= LINEARITY_TARGET)])
     t.notes.append(f"Start-up baseline (`import onnx, numpy, bnfold`): {time_cell(base)}, {rss_cell(base)}.")
     return t
 
@@ -146,7 +161,36 @@ def verification(ctx: Ctx, names: list[str]) -> Table:
         net = o.wall_s - startup.wall_s if o.ok and startup.ok else None
         r = ratio(cost, net)
         t.rows.append([name, time_cell(nv), time_cell(v), fmt_s(cost), time_cell(o), fmt_s(net),
-                       fmt_ratio(r), mark(None if r is None else r <= VERIFY_TARGET),
+                       fmt_ratio(r), ctx.check("verify", name, fmt_ratio(r), f"≤ {VERIFY_TARGET}× two ORT runs",
+                                               None if r is None else r <= VERIFY_TARGET),
                        rss_cell(v), rss_cell(o)])
     t.notes.append(f"Bare interpreter start-up: {time_cell(startup)}.")
+    return t
+
+
+# Why a target can be missed: the mechanism, not the numbers (those are in the tables).
+WHY_MISSED = {
+    "time": "fixed costs the floor does not pay dominate small models: importing bnfold and click, "
+            "onnx.checker on the input, and Python work per node (indexing, planning and rewriting, "
+            "~170-190 µs per Conv→BN pair, section 3). On weight-heavy models bnfold is below the floor "
+            "because it streams the output tensor by tensor instead of serialising the model in memory.",
+    "rss": "Python objects per node (the graph index's name dictionaries, node wrappers, one record per "
+           "fold) cost a few kB per node; the floor holds only the protobuf. Weight-heavy models stay "
+           "below the floor's peak.",
+    "external_rss": "the folded weights are held until they are written.",
+    "pairs_10k": "per-node Python work (section 3); it is linear, so the limit moves with the machine.",
+    "linearity": "some step rescans the graph per fold (a regression: tests/test_scaling.py should catch it).",
+    "verify": "the analytic check re-derives every folded weight in float64 from the original parameters "
+              "(the original weights stay in memory until it has run, and every weight is read and "
+              "recomputed once more), and the graph checks run on top; the two onnxruntime runs themselves "
+              "cost what the baseline costs. Small graphs pay onnx's reference evaluator per folded chain.",
+}
+
+
+def targets_table(ctx: Ctx) -> Table:
+    """Every target at a glance; each missed one with the reason."""
+    t = Table("Targets", "Each target of the suite, from the sections below (`–`: not measured).",
+              ["target", "model", "measured", "limit", "✓", "if missed: why"])
+    for target, model, measured, limit, met in ctx.targets:
+        t.rows.append([target, model, measured, limit, mark(met), WHY_MISSED[target] if met is False else ""])
     return t

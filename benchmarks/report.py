@@ -165,6 +165,6 @@ METHOD = """## Method
 """
 
 
-def write_results(path: Path, header: str, models_table: Table, tables: list[Table]) -> None:
-    body = [header, models_table.markdown()] + [t.markdown() for t in tables] + [METHOD]
+def write_results(path: Path, header: str, tables: list[Table]) -> None:
+    body = [header] + [t.markdown() for t in tables] + [METHOD]
     path.write_text("\n".join(body))

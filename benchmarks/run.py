@@ -114,7 +114,8 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(args.scratch / "folded", ignore_errors=True)
         # Written even after Ctrl-C or a crash, so a long run is never all lost.
         header = machine_section(REPO, ["run.py", *argv], load_at_start)
-        write_results(args.output, header, model_table(list(infos.values())), tables)
+        write_results(args.output, header,
+                      [bench_fold.targets_table(ctx), model_table(list(infos.values())), *tables])
         step(f"wrote {args.output}")
     return 0
 
