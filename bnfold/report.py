@@ -13,6 +13,8 @@ from typing import Any
 
 import onnx
 
+from bnfold.graph import has_subgraphs, subgraphs_of
+
 JSON_SCHEMA_VERSION = 1
 
 
@@ -125,14 +127,11 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     counts: Counter[str] = Counter()
 
     def visit(graph: onnx.GraphProto) -> None:
+        counts.update(node.op_type for node in graph.node)
         for node in graph.node:
-            counts[node.op_type] += 1
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for body in attr.graphs:
-                        visit(body)
+            if has_subgraphs(node):  # cheap pre-test: most nodes' attributes are never looked at
+                for body in subgraphs_of(node):
+                    visit(body)
 
     visit(model.graph)
     return dict(sorted(counts.items()))
