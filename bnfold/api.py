@@ -94,6 +94,8 @@ def fold(
     onnxruntime runs the complete temporary file, which replaces `output` only if it passed
     (nothing is written otherwise; `result.report.output_path` says where it went).
     """
+    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, list(providers),
+                       save_inputs, save_outputs) if verify else None  # checks the options before any work
     working, original, path, protected, store = _open(model)
     report = Report(input_path=None if path is None else str(path), ops_before=op_counts(working))
     outcome = fold_model(working, keep_provenance=verify, store=store)
@@ -104,8 +106,6 @@ def fold(
         if output is not None:
             result.save(output)
         return result
-    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, list(providers),
-                       save_inputs, save_outputs)
 
     def verified(written: Path | None) -> bool:
         report.verification = _verify(original, working, provenance=outcome.provenance, config=config, store=store,

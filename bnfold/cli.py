@@ -62,7 +62,7 @@ def _verification_options(function):
     """Options shared by `fold` and `check`: how verification feeds and compares the models."""
     options = [
         click.option("--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="Shape for an input with dynamic dims."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random verification inputs."),
+        click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the random verification inputs."),
         click.option("--iterations", default=1, show_default=True, type=click.IntRange(min=1),
                      help="Random input batches to compare (seeds SEED, SEED+1, ...)."),
         click.option("--inputs", "inputs_npz", type=click.Path(path_type=Path),

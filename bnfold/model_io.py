@@ -6,9 +6,10 @@ and one line, never a protobuf traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def check_structure(model: onnx.ModelProto, label: str) -> list[onnx.TensorProto
 
     tensors: list[onnx.TensorProto] = []
     bad_name = _scan_graph(model.graph, tensors)
+    for function in model.functions:  # model-local functions: their Constant nodes carry tensors too
+        bad_name = bad_name or _scan_nodes(function.node, tensors)
     if bad_name is not None:
         raise BadInputError(f"{label}: invalid model: a name is not valid UTF-8 ({bad_name!r})")
     for tensor in model.graph.initializer:  # the skeleton keeps only the types of big tensors
@@ -113,7 +116,18 @@ def _scan_graph(graph: onnx.GraphProto, tensors: list[onnx.TensorProto]) -> byte
     """One walk over `graph` and its subgraphs: the first node/value name protobuf could not decode
     as UTF-8 (it then hands out bytes), if any; every tensor met is appended to `tensors`."""
     tensors.extend(graph.initializer)
-    for node in graph.node:
+    bad = _scan_nodes(graph.node, tensors)
+    if bad is not None:
+        return bad
+    for value in [*graph.input, *graph.output, *graph.initializer]:
+        if not isinstance(value.name, str):
+            return value.name
+    return None
+
+
+def _scan_nodes(nodes: Iterable[onnx.NodeProto], tensors: list[onnx.TensorProto]) -> bytes | None:
+    """`_scan_graph` for a list of nodes (a graph's, or a model-local function's)."""
+    for node in nodes:
         for name in (node.name, node.op_type, node.domain, *node.input, *node.output):
             if not isinstance(name, str):
                 return name
@@ -127,9 +141,6 @@ def _scan_graph(graph: onnx.GraphProto, tensors: list[onnx.TensorProto]) -> byte
             for body in bodies:
                 if (bad := _scan_graph(body, tensors)) is not None:
                     return bad
-    for value in [*graph.input, *graph.output, *graph.initializer]:
-        if not isinstance(value.name, str):
-            return value.name
     return None
 
 
@@ -169,39 +180,58 @@ def save_model_atomic(
     if not folder.is_dir():
         raise BadInputError(f"{path}: output folder {folder} does not exist")
     external_data = external_data or _total_bytes(model, store) > EXTERNAL_ABOVE_BYTES
-    data_path = path.with_name(path.name + ".data") if external_data else None
-    if data_path is not None and protected and data_path.resolve() in protected:
-        data_path = path.with_name(path.name + ".folded.data")
+    data_path = _fresh_data_path(path, protected or set()) if external_data else None
     temp_files: list[str] = []
     try:
-        temp_model = _temp_file(folder, path.name, temp_files)
-        with open(temp_model, "wb") as handle:
-            if data_path is None:
-                write_model(model, handle, store)
-            else:
-                temp_data = _temp_file(folder, data_path.name, temp_files)
-                with open(temp_data, "wb") as data_handle:
-                    write_model(model, handle, store, DataFile(data_handle, data_path.name,
-                                                                EXTERNAL_THRESHOLD_BYTES, EXTERNAL_ALIGNMENT))
-                    data_handle.flush()
-                    os.fsync(data_handle.fileno())
-            handle.flush()
-            os.fsync(handle.fileno())
+        with _write_errors(path):
+            temp_model = _temp_file(folder, path.name, temp_files)
+            with open(temp_model, "wb") as handle:
+                if data_path is None:
+                    write_model(model, handle, store)
+                else:
+                    temp_data = _temp_file(folder, data_path.name, temp_files)
+                    with open(temp_data, "wb") as data_handle:
+                        write_model(model, handle, store, DataFile(data_handle, data_path.name,
+                                                                    EXTERNAL_THRESHOLD_BYTES, EXTERNAL_ALIGNMENT))
+                        data_handle.flush()
+                        os.fsync(data_handle.fileno())
+                handle.flush()
+                os.fsync(handle.fileno())
+        # Outside the write-error translation: an error of verification is not the output's fault.
         if accept is not None and not accept(Path(temp_model) if data_path is None else None):
             return None
-        if data_path is not None:
-            os.replace(temp_files[1], data_path)
-        os.replace(temp_model, path)
-        _fsync_dir(folder)
-    except OSError as error:
-        raise BadInputError(f"{path}: cannot write ({error.strerror or error})") from None
-    except ValueError as error:  # a tensor whose data does not match its dims
-        raise BadInputError(f"{path}: cannot write: {error}") from None
+        with _write_errors(path):
+            if data_path is not None:
+                os.replace(temp_files[1], data_path)
+            os.replace(temp_model, path)
+            _fsync_dir(folder)
     finally:
         for name in temp_files:
             if os.path.exists(name):
                 os.unlink(name)
     return path
+
+
+def _fresh_data_path(path: Path, protected: set[Path]) -> Path:
+    """`<name>.data` beside the output, or `<name>.folded[N].data` when that is one of the input's
+    data files (which must never be written)."""
+    for suffix in ("", ".folded", *(f".folded{n}" for n in range(2, len(protected) + 2))):
+        candidate = path.with_name(f"{path.name}{suffix}.data")
+        if candidate.resolve() not in protected:
+            return candidate
+    raise AssertionError("unreachable: more candidate names than protected files")
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """Failures while writing `path` (disk full, permissions, a tensor whose data does not match
+    its dims) as one-line bad-output errors."""
+    try:
+        yield
+    except OSError as error:
+        raise BadInputError(f"{path}: cannot write ({error.strerror or error})") from None
+    except ValueError as error:
+        raise BadInputError(f"{path}: cannot write: {error}") from None
 
 
 def _temp_file(folder: Path, name: str, temp_files: list[str]) -> str:

@@ -48,7 +48,14 @@ def session(model: onnx.ModelProto | str | os.PathLike, folder: str, provider: s
             buffer = io.BytesIO()
             write_model(model, buffer, store)  # folded arrays streamed into the bytes, not the proto
             return ort.InferenceSession(buffer.getvalue(), options, providers=[provider])
-    return ort.InferenceSession(str(model), options, providers=[provider])
+    path = str(model)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        # onnxruntime takes paths as UTF-8 text; a file name with other bytes is read here instead
+        # (a model that needs its external data files then fails to load, and verification says so).
+        return ort.InferenceSession(Path(path).read_bytes(), options, providers=[provider])
+    return ort.InferenceSession(path, options, providers=[provider])
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -114,6 +121,15 @@ class RunConfig:
     save_inputs: str | None = None
     save_outputs: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise BadInputError(f"seed must be a non-negative integer, got {self.seed}")
+        if self.iterations < 1:
+            raise BadInputError(f"iterations must be at least 1, got {self.iterations}")
+        for name, value in (("atol", self.atol), ("rtol", self.rtol)):
+            if value is not None and not (np.isfinite(value) and value >= 0):
+                raise BadInputError(f"{name} must be a finite number >= 0, got {value}")
+
 
 def feed_sets(inputs: list[onnx.ValueInfoProto], config: RunConfig) -> tuple[list[dict[str, np.ndarray]], dict]:
     """The input batches to run: the user's arrays (split along a leading sample axis), or
@@ -174,7 +190,9 @@ def compare_outputs(original, folded: onnx.ModelProto, result: Verification, con
             result.runtime_status = f"not run: --providers need onnxruntime, but {why}"
             return
         try:
-            names, references, candidates = _run_reference_evaluator(original, folded, batches, store)
+            # The file that will be delivered, when there is one, as onnxruntime would have run it.
+            candidate = folded if folded_file is None else onnx.load(str(folded_file))
+            names, references, candidates = _run_reference_evaluator(original, candidate, batches, store)
         except Exception as error:  # noqa: BLE001 - the evaluator cannot run it either: say both
             result.runtime_status = f"not run: {why}; onnx reference evaluator: {_line(error)}"
             return

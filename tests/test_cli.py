@@ -233,6 +233,15 @@ def test_seed_changes_inputs_not_result(tmp_path):
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
+def test_negative_seed_is_a_usage_error(tmp_path):
+    model = copy_sample(tmp_path, "mlp_bn1d.onnx")
+    before = files_in(tmp_path)
+    result = invoke([model, "--seed", "-1"])
+    assert result.exit_code == 2
+    assert "--seed" in result.stderr and "Traceback" not in result.stdout + result.stderr
+    assert files_in(tmp_path) == before
+
+
 # --- --input-shape ------------------------------------------------------------------------------
 
 

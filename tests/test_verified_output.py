@@ -126,3 +126,54 @@ def test_in_place_is_verified_against_the_untouched_original(tmp_path, monkeypat
     assert candidate != str(model)
     assert _sha(model) != original_sha
     assert folded and _bns(model) == _bns(SAMPLES_DIR / "resnet_tiny.onnx") - len(folded)
+
+
+def test_reference_evaluator_fallback_also_runs_the_written_file(tmp_path, monkeypatch):
+    """When onnxruntime cannot run the original (BN-6), both models go through onnx's reference
+    evaluator — and the candidate is still the file about to be delivered, not the in-memory model."""
+    from test_old_exports import _opset6_model
+
+    model = tmp_path / "old.onnx"
+    onnx.save(_opset6_model(), str(model))
+    out = tmp_path / "folded.onnx"
+    assert bnfold.fold(model, output=out).report.verification.runtime_engine.startswith("onnx reference evaluator")
+    out.unlink()
+    _corrupting_writer(monkeypatch)
+    with pytest.raises(VerificationError) as caught:
+        bnfold.fold(model, output=out)
+    verification = caught.value.report.verification
+    assert verification.runtime_engine.startswith("onnx reference evaluator")
+    assert all(t.passed for t in verification.tensors) and not all(o.passed for o in verification.outputs)
+    assert not out.exists()
+
+
+def test_negative_seed_is_bad_input_before_any_work(tmp_path):
+    model = _copy(tmp_path, "mlp_bn1d.onnx")
+    with pytest.raises(bnfold.BadInputError, match="seed must be a non-negative integer"):
+        bnfold.fold(model, output=tmp_path / "out.onnx", seed=-1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp_bn1d.onnx"]
+
+
+def test_external_data_never_lands_in_any_input_data_file(tmp_path):
+    """The output's data file is `OUT.data`, or `OUT.folded.data`, `OUT.folded2.data`, ... when the
+    input's own data files have those names."""
+    from onnx import external_data_helper
+
+    source = onnx.load(str(SAMPLES_DIR / "resnet_tiny.onnx"))
+    big = sorted(source.graph.initializer, key=lambda t: -len(t.raw_data))[:2]
+    for tensor, location in zip(big, ["out.onnx.data", "out.onnx.folded.data"]):
+        external_data_helper.set_external_data(tensor, location)
+        (tmp_path / location).write_bytes(tensor.raw_data)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+    model = tmp_path / "out.onnx"
+    onnx.save(source, str(model))
+    before = {p.name: _sha(p) for p in tmp_path.iterdir()}
+    result = bnfold.fold(model, output=model)  # in place: the input's data files must survive
+    assert result.report.passed
+    assert (tmp_path / "out.onnx.folded2.data").is_file()
+    assert {name: _sha(tmp_path / name) for name in ("out.onnx.data", "out.onnx.folded.data")} == \
+        {name: before[name] for name in ("out.onnx.data", "out.onnx.folded.data")}
+    folded = onnx.load(str(model), load_external_data=False)
+    locations = {e.value for t in folded.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"out.onnx.folded2.data"}
