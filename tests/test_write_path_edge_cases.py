@@ -1,5 +1,5 @@
-"""Review of the changes since c71e202 ("verify what is written": onnxruntime loads the temporary
-output file, and verification now runs inside `save_model_atomic`'s accept callback)."""
+"""Edge cases of "verify what is written" (onnxruntime loads the temporary output file, and
+verification runs inside `save_model_atomic`'s accept callback), found in review."""
 
 from __future__ import annotations
 
