@@ -179,6 +179,47 @@ def test_bn_feeding_an_unpadded_and_a_padded_conv_is_not_folded() -> None:
     assert [r.reason for r in result.report.skipped] == [Reason.PADDED_CONSUMER]
 
 
+@pytest.mark.parametrize("padding", [{"pads": [1, 1, 1, 1]}, {"pads": [0, 2, 1, 0]}, {"auto_pad": "SAME_UPPER"},
+                                     {"auto_pad": "SAME_LOWER"}])
+def test_a_pure_scale_folds_forward_into_a_padded_conv(padding: dict) -> None:
+    """Zero padding is applied after the map; a map that only scales sends 0 to 0, so for it the
+    padding does not matter (a shift would not reach the padded border)."""
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, 8, 8])
+    scaled = g.node("Mul", [x, g.const(g.rng.uniform(0.5, 2.0, (1, 3, 1, 1)))])
+    y = g.conv(scaled, 3, 4, **padding)
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv"]
+    assert records(result) == [("Mul", "forward", [node_named(model, y).name])]
+
+
+def test_bn_with_zero_shift_folds_forward_into_a_padded_conv() -> None:
+    """beta = mean * gamma / sqrt(var + eps) makes a BN a pure scale (as in a freshly initialised
+    network with beta = mean = 0)."""
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, 8, 8])
+    gamma = g.rng.uniform(0.5, 1.5, 3).astype(np.float32)
+    bn = g.node("BatchNormalization", [x, g.const(gamma), g.const(np.zeros(3, np.float32)),
+                                       g.const(np.zeros(3, np.float32)), g.const(g.rng.uniform(0.5, 2, 3))])
+    y = g.conv(bn, 3, 4, pads=[1, 1, 1, 1])
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv"]
+    assert records(result) == [(BN, "forward", [node_named(model, y).name])]
+
+
+def test_mul_then_add_before_a_padded_conv_is_not_folded() -> None:
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, 8, 8])
+    scaled = g.node("Mul", [x, g.const(g.rng.uniform(0.5, 2.0, (1, 3, 1, 1)))])
+    shifted = g.node("Add", [scaled, g.const(g.rng.uniform(-1, 1, (1, 3, 1, 1)))])
+    y = g.conv(shifted, 3, 4, pads=[1, 1, 1, 1])
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == op_types(model) and result.report.folded == []
+
+
 def test_mul_by_c_shaped_constant_before_conv_is_not_folded_forward() -> None:
     # x is [N, C, H, W] with W == C: a [C] constant scales W, not the channels the Conv contracts.
     g = GraphBuilder()

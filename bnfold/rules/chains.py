@@ -172,16 +172,18 @@ def forward_targets(chain: list[AffineOp], index: GraphIndex, by_layer: dict[str
     if not consumers or end in index.graph_outputs:
         return None
     layers = []
+    affine = compose(chain)
+    shift_free = not affine.shift.any()
     for consumer in consumers:
         layer = match_layer(consumer, index)
         if not isinstance(layer, Layer) or list(consumer.input).count(end) != 1 or layer.data_input != end:
             return None
-        if forward_refusal(layer, chain_axis(chain), chain_channels(chain)) is not None:
+        if forward_refusal(layer, chain_axis(chain), chain_channels(chain), shift_free) is not None:
             return None
         planned = by_layer.get(layer.output)
         if planned is not None and planned.pre:
             return None
-        if overflow_refusal(layer, compose(chain), planned.post_affine if planned else None) is not None:
+        if overflow_refusal(layer, affine, planned.post_affine if planned else None) is not None:
             return None
         layers.append(layer)
     return layers

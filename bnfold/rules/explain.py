@@ -76,7 +76,8 @@ def _forward_refusal(op: AffineOp, index: GraphIndex) -> Refusal | None:
             return layer
         if layer.data_input != op.output:
             return Refusal(Reason.CONSUMER_NOT_FOLDABLE, f"feeds a parameter of {layer.kind} '{consumer.name}'")
-        refusal = forward_refusal(layer, op.axis, op.affine.channels) or overflow_refusal(layer, op.affine, None)
+        refusal = forward_refusal(layer, op.axis, op.affine.channels, shift_free=not op.affine.shift.any()) \
+            or overflow_refusal(layer, op.affine, None)
         if refusal is not None:
             return refusal
     return Refusal(Reason.CONSUMER_NOT_FOLDABLE, "consumers could not all absorb it")

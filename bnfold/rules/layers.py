@@ -108,13 +108,16 @@ def backward_refusal(layer: Layer, axis: int | None, channels: int) -> Refusal |
     return None
 
 
-def forward_refusal(layer: Layer, axis: int | None, channels: int) -> Refusal | None:
-    """Why an affine map on `axis` feeding `layer` cannot be absorbed into it."""
+def forward_refusal(layer: Layer, axis: int | None, channels: int, shift_free: bool = False) -> Refusal | None:
+    """Why an affine map on `axis` feeding `layer` cannot be absorbed into it. `shift_free`: the map
+    only scales (shift 0 everywhere), so it commutes with zero padding."""
     if layer.kind == "ConvTranspose":
         return Refusal(Reason.CONSUMER_NOT_FOLDABLE, "forward fold into ConvTranspose is not implemented")
     if layer.kind == "Gemm" and layer.attributes["trans_a"]:
         return Refusal(Reason.UNSUPPORTED_ATTRIBUTE, "Gemm transA=1 contracts over axis 0 of its input")
-    if layer.kind == "Conv":
+    if layer.kind == "Conv" and not shift_free:
+        # The padded zeros bypass the map: s*x + t is applied to the data but not to the zeros the
+        # Conv adds around it. A pure scale maps 0 to 0, so for it padding does not matter.
         padding = _conv_padding(layer.node, layer.weight.shape[2:])
         if padding:
             return Refusal(Reason.PADDED_CONSUMER, f"Conv '{layer.node.name or layer.output}' {padding}: "
