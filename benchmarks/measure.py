@@ -105,6 +105,10 @@ def run_child(argv: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S,
     Output goes to temp files rather than pipes: with pipes a chatty child
     would block once the pipe buffer fills while nobody reads it.
     """
+    # Flush what earlier runs wrote (the 2.2 GB model alone writes gigabytes): otherwise the kernel's
+    # write-back of *their* data bills this run's fsync and reads, and the order of sections decides
+    # the numbers. Not timed.
+    os.sync()
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "out", "w+b") as out, \
             open(Path(tmp) / "err", "w+b") as err:
         result = Path(tmp) / "result.json"

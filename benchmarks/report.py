@@ -160,6 +160,8 @@ METHOD = """## Method
   (external data: load by path, save with external data to a fresh location).
 - Outputs go to fresh scratch directories outside the repo and are deleted after each run;
   input files are warm in the page cache (they were just generated / read by the previous run).
+- `os.sync()` runs (untimed) before every child, so the write-back of what earlier runs wrote
+  (gigabytes, with the 2.2 GB model) is not billed to whichever measurement comes next.
 - A cell reading `failed: ...` is the last stderr line of a child that exited non-zero;
   `timeout` means it was killed after the per-tool limit.
 """
