@@ -74,18 +74,19 @@ class NameRegistry:
     def used(self) -> set[str]:
         if self._used is None:
             self._used = set()
-            self._collect(self._model.graph)
+            self._collect(self._model.graph, self._used)
         return self._used
 
-    def _collect(self, graph: onnx.GraphProto) -> None:
-        self.used.update(t.name for t in graph.initializer)
-        self.used.update(v.name for v in graph.input)
-        for node in graph.node:
-            self.used.update(node.input)
-            self.used.update(node.output)
-            self.used.add(node.name)
-            for body in subgraphs_of(node):
-                self._collect(body)
+    def _collect(self, graph: onnx.GraphProto, used: set[str]) -> None:
+        used.update(t.name for t in graph.initializer)
+        used.update(v.name for v in graph.input)
+        for node in graph.node:  # every node of the model: kept to plain set updates
+            used.update(node.input)
+            used.update(node.output)
+            used.add(node.name)
+            if has_subgraphs(node):
+                for body in subgraphs_of(node):
+                    self._collect(body, used)
 
     def fresh(self, base: str) -> str:
         name, counter = base, 0
