@@ -93,6 +93,12 @@ def shift_affine(values: FloatArray, subtract: bool = False) -> ChannelAffine:
     return ChannelAffine(np.ones_like(shift), -shift if subtract else shift)
 
 
+def subtracted_from_affine(values: FloatArray) -> ChannelAffine:
+    """Sub with the constant first, `c - x`: a scale of -1 and a shift of c (both exact in any dtype)."""
+    shift = np.asarray(values, dtype=np.float64).reshape(-1)
+    return ChannelAffine(-np.ones_like(shift), shift)
+
+
 def _bias_or_zeros(bias: FloatArray | None, channels: int) -> FloatArray:
     if bias is None:
         return np.zeros(channels, dtype=np.float64)
@@ -190,6 +196,17 @@ def conv_forward(
     summed_axes = tuple(range(2, grouped.ndim))
     bias_delta = (grouped * affine.shift.reshape(column_shape)).sum(axis=summed_axes).reshape(-1)
     return new_weight, _bias_or_zeros(bias, out_channels) + bias_delta
+
+
+def conv_transpose_forward(weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine) -> tuple[FloatArray, FloatArray | None]:
+    """ConvTranspose(s*x) for a pure scale: weight [C_in, C_out/g, k...] has input channel c as row c.
+    A shift is not foldable here: how many kernel taps reach an output position varies at the borders
+    and with the stride, so t never becomes one bias per channel."""
+    if affine.shift.any():
+        raise ValueError("only a pure scale folds forward into ConvTranspose")
+    affine = affine.expanded(weight.shape[0])
+    new_weight = weight * affine.scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    return new_weight, None if bias is None else np.asarray(bias, dtype=np.float64)
 
 
 def gemm_forward(

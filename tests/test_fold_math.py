@@ -30,6 +30,7 @@ from bnfold.fold_math import (
     round_to_dtype,
     scale_affine,
     shift_affine,
+    subtracted_from_affine,
 )
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -227,6 +228,12 @@ def test_then_is_not_commutative() -> None:
     shift = shift_affine(np.array([3.0]))
     np.testing.assert_array_equal(scale.then(shift).shift, [3.0])  # 2x + 3
     np.testing.assert_array_equal(shift.then(scale).shift, [6.0])  # 2(x + 3)
+
+
+def test_subtracted_from_affine_negates_and_shifts() -> None:
+    affine = subtracted_from_affine(np.array([1.5, -2.0]))
+    x = np.array([0.25, 3.0])
+    np.testing.assert_array_equal(affine.scale * x + affine.shift, np.array([1.5, -2.0]) - x)
 
 
 def test_shift_affine_subtract() -> None:

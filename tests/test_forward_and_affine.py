@@ -209,6 +209,60 @@ def test_bn_with_zero_shift_folds_forward_into_a_padded_conv() -> None:
     assert records(result) == [(BN, "forward", [node_named(model, y).name])]
 
 
+@pytest.mark.parametrize(("size", "kernel", "stride", "folds"), [
+    (8, 2, 2, True),    # ceil(8/2) = 4 outputs cover 8 inputs exactly: SAME pads 0
+    (9, 3, 3, True),    # 3 outputs x stride 3 = 9: pads 0
+    (9, 2, 2, False),   # 5 outputs need (5-1)*2 + 2 = 10 > 9: one padded column
+    (8, 3, 1, False),   # stride 1, kernel 3: pads 2
+])
+def test_same_padding_is_computed_from_the_input_shape(size: int, kernel: int, stride: int, folds: bool) -> None:
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, size, size])
+    y = g.conv(g.bn(x, 3), 3, 4, kernel=kernel, strides=[stride, stride], auto_pad="SAME_UPPER")
+    model = g.model([y])
+    result = fold_and_compare(model)
+    if folds:
+        assert op_types(result.model) == ["Conv"]
+        assert records(result) == [(BN, "forward", [node_named(model, y).name])]
+    else:
+        assert [s.reason for s in result.report.skipped] == [Reason.PADDED_CONSUMER]
+        assert_untouched(model, result)
+
+
+def test_same_padding_on_a_symbolic_input_is_not_folded() -> None:
+    # Whether SAME pads depends on the run-time size: 8 would not pad, 9 would.
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, "H", "W"])
+    y = g.conv(g.bn(x, 3), 3, 4, kernel=2, strides=[2, 2], auto_pad="SAME_UPPER")
+    model = g.model([y])
+    result = bnfold.fold(model, input_shapes={"x": [2, 3, 8, 8]})
+    assert [s.reason for s in result.report.skipped] == [Reason.PADDED_CONSUMER]
+    assert op_types(result.model) == op_types(model)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_a_pure_scale_folds_forward_into_conv_transpose(group: int) -> None:
+    g = GraphBuilder()
+    x = g.input("x", [2, 4, 5, 5])
+    scaled = g.node("Mul", [x, g.const(g.rng.uniform(-2.0, 2.0, (4, 1, 1)))])
+    y = g.conv_transpose(scaled, 4, 6, group=group, strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1])
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["ConvTranspose"]
+    assert records(result) == [("Mul", "forward", [node_named(model, y).name])]
+
+
+def test_bn_with_a_shift_before_conv_transpose_is_not_folded() -> None:
+    g = GraphBuilder()
+    x = g.input("x", [2, 4, 5, 5])
+    y = g.conv_transpose(g.bn(x, 4), 4, 6, strides=[2, 2])
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert [s.reason for s in result.report.skipped] == [Reason.CONSUMER_NOT_FOLDABLE]
+    assert "pure scale" in result.report.skipped[0].detail
+    assert_untouched(model, result)
+
+
 def test_mul_then_add_before_a_padded_conv_is_not_folded() -> None:
     g = GraphBuilder()
     x = g.input("x", [2, 3, 8, 8])
@@ -310,14 +364,50 @@ def test_x_minus_or_over_per_channel_constant_folds(op: str) -> None:
     assert records(result) == [(op, "backward", [node_named(model, conv).name])]
 
 
-@pytest.mark.parametrize("op", ["Sub", "Div"])
-def test_constant_minus_or_over_x_is_not_folded(op: str) -> None:
+def test_constant_over_x_is_not_folded() -> None:
     g, conv = padded_conv_graph(channels=4)
-    y = g.node(op, [const_of(g, (4, 1, 1)), conv])
+    y = g.node("Div", [const_of(g, (4, 1, 1)), conv])
     model = g.model([y])
     result = fold_and_compare(model)
-    assert op_types(result.model) == ["Conv", op]
+    assert op_types(result.model) == ["Conv", "Div"]
     assert_untouched(model, result)
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 1), (1, 4, 1, 1), ()])
+def test_constant_minus_x_folds_backward_as_a_negated_map(shape: tuple[int, ...]) -> None:
+    g, conv = padded_conv_graph(channels=4)
+    y = g.node("Sub", [const_of(g, shape, -1.0, 1.0), conv])
+    model = g.model([y])
+    conv_node = node_named(model, conv)
+    weight_before = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == conv_node.input[1]))
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Conv"]
+    assert records(result) == [("Sub", "backward", [conv_node.name])]
+    folded = node_named(result.model, y)
+    weight_after = onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == folded.input[1]))
+    np.testing.assert_array_equal(weight_after, -weight_before)  # negation is exact
+
+
+def test_constant_minus_x_folds_forward_into_gemm() -> None:
+    g = GraphBuilder()
+    x = g.input("x", [3, 5])
+    y = g.node("Sub", [const_of(g, (5,), -1.0, 1.0), x])
+    y = g.gemm(y, 5, 4, trans_b=1)
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Gemm"]
+    assert records(result)[0][:2] == ("Sub", "forward")
+
+
+def test_bn_then_constant_minus_x_after_concat_merges_into_one_bn() -> None:
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, 6, 6])
+    y = g.node("Concat", [x, x], axis=1)
+    y = g.bn(y, 6)
+    y = g.node("Sub", [const_of(g, (1, 6, 1, 1), -1.0, 1.0), y])
+    model = g.model([g.relu(y)])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Concat", BN, "Relu"]
 
 
 def test_div_by_zero_constant_is_not_folded() -> None:

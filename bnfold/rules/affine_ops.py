@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from bnfold.fold_math import ChannelAffine, InvalidAffineError, bn_affine, is_float, scale_affine, shift_affine
+from bnfold.fold_math import (
+    ChannelAffine,
+    InvalidAffineError,
+    bn_affine,
+    is_float,
+    scale_affine,
+    shift_affine,
+    subtracted_from_affine,
+)
 from bnfold.graph import GraphIndex, attribute
 from bnfold.report import Reason
 from bnfold.rules.refusal import Refusal
@@ -86,8 +94,8 @@ def _match_arithmetic(node: onnx.NodeProto, index: GraphIndex, rank: int | None)
     if len(node.input) != 2:
         return Refusal(Reason.CONSUMER_NOT_FOLDABLE, f"{node.op_type} with {len(node.input)} inputs")
     constants = [index.constant(name) for name in node.input]
-    # Sub and Div are affine in x only as `x - c` and `x / c`.
-    positions = (1,) if node.op_type in ("Sub", "Div") else (1, 0)
+    # Div is affine in x only as `x / c`; Sub both ways (`c - x` is -x + c).
+    positions = (1,) if node.op_type == "Div" else (1, 0)
     position = next((p for p in positions if constants[p] is not None and constants[1 - p] is None), None)
     if position is None:
         return Refusal(Reason.PARAMS_NOT_CONSTANT, f"{node.op_type} has no constant operand on a dynamic input")
@@ -108,6 +116,8 @@ def _match_arithmetic(node: onnx.NodeProto, index: GraphIndex, rank: int | None)
         affine = scale_affine(values)
     elif node.op_type == "Div":
         affine = scale_affine(1.0 / values)
+    elif node.op_type == "Sub" and position == 0:
+        affine = subtracted_from_affine(values)
     else:
         affine = shift_affine(values, subtract=node.op_type == "Sub")
     return AffineOp(node, data_input, affine, axis)

@@ -206,4 +206,4 @@ def _worth_folding(layer: Layer, post: list[AffineOp]) -> bool:
     remove anything, just turn it into a Gemm."""
     if layer.kind != "MatMul":
         return True
-    return any(op.node.op_type not in ("Add", "Sub") for op in post)
+    return any(op.node.op_type not in ("Add", "Sub") or (op.affine.scale != 1).any() for op in post)

@@ -74,7 +74,10 @@ def match_layer(node: onnx.NodeProto, index: GraphIndex) -> Layer | Refusal | No
             out_channels, in_channels = weight.shape[0], weight.shape[1] * group
         else:
             out_channels, in_channels = weight.shape[1] * group, weight.shape[0]
-        return Layer(node, weight, bias, weight.ndim, 1, 1, out_channels, in_channels, {"group": group})
+        info = index.info(node.input[0])
+        spatial = None if info is None or info.shape is None else tuple(info.shape[2:])
+        attrs = {"group": group, "input_spatial": spatial}
+        return Layer(node, weight, bias, weight.ndim, 1, 1, out_channels, in_channels, attrs)
     if weight.ndim != 2:
         return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} weight of rank {weight.ndim} (2 needed)")
     if node.op_type == "Gemm":
@@ -111,14 +114,17 @@ def backward_refusal(layer: Layer, axis: int | None, channels: int) -> Refusal |
 def forward_refusal(layer: Layer, axis: int | None, channels: int, shift_free: bool = False) -> Refusal | None:
     """Why an affine map on `axis` feeding `layer` cannot be absorbed into it. `shift_free`: the map
     only scales (shift 0 everywhere), so it commutes with zero padding."""
-    if layer.kind == "ConvTranspose":
-        return Refusal(Reason.CONSUMER_NOT_FOLDABLE, "forward fold into ConvTranspose is not implemented")
+    if layer.kind == "ConvTranspose" and not shift_free:
+        # How many kernel taps reach an output position varies at the borders and with the stride,
+        # so a shift never becomes one bias per output channel. A pure scale folds exactly.
+        return Refusal(Reason.CONSUMER_NOT_FOLDABLE, "a shift before ConvTranspose does not reach every output "
+                       "position equally; only a pure scale folds forward into it")
     if layer.kind == "Gemm" and layer.attributes["trans_a"]:
         return Refusal(Reason.UNSUPPORTED_ATTRIBUTE, "Gemm transA=1 contracts over axis 0 of its input")
     if layer.kind == "Conv" and not shift_free:
         # The padded zeros bypass the map: s*x + t is applied to the data but not to the zeros the
         # Conv adds around it. A pure scale maps 0 to 0, so for it padding does not matter.
-        padding = _conv_padding(layer.node, layer.weight.shape[2:])
+        padding = _conv_padding(layer.node, layer.weight.shape[2:], layer.attributes.get("input_spatial"))
         if padding:
             return Refusal(Reason.PADDED_CONSUMER, f"Conv '{layer.node.name or layer.output}' {padding}: "
                            "zero padding is applied after the affine map, so the fold is not exact")
@@ -133,19 +139,35 @@ def forward_refusal(layer: Layer, axis: int | None, channels: int, shift_free: b
     return None
 
 
-def _conv_padding(node: onnx.NodeProto, kernel: tuple[int, ...]) -> str:
+def _conv_padding(node: onnx.NodeProto, kernel: tuple[int, ...], input_spatial: tuple | None) -> str:
     """A description of the zero padding a Conv applies, or '' when it applies none."""
     auto_pad = attribute(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        strides = attribute(node, "strides", None) or [1] * len(kernel)
-        if all(k == 1 for k in kernel) and all(s == 1 for s in strides):
-            return ""  # a 1x1 stride-1 SAME conv pads nothing
-        return f"auto_pad={auto_pad}"
+        total = _same_total_padding(node, kernel, input_spatial)
+        return "" if total is not None and not any(total) else f"auto_pad={auto_pad}"
     if auto_pad == "VALID":
         return ""
     pads = attribute(node, "pads", None) or []
     return f"pads={list(pads)}" if any(pads) else ""
+
+
+def _same_total_padding(node: onnx.NodeProto, kernel: tuple[int, ...], input_spatial: tuple | None) -> list[int] | None:
+    """Total SAME padding per spatial axis (ONNX Conv spec: output = ceil(in / stride), padding
+    = max(0, (output - 1) * stride + (kernel - 1) * dilation + 1 - in)); None when it depends on a
+    dim that is not known. A stride-1 kernel of 1 pads nothing whatever the input size."""
+    strides = list(attribute(node, "strides", None) or [1] * len(kernel))
+    dilations = list(attribute(node, "dilations", None) or [1] * len(kernel))
+    if all(k == 1 for k in kernel) and all(s == 1 for s in strides):
+        return [0] * len(kernel)
+    if input_spatial is None or len(input_spatial) != len(kernel) or \
+            not all(isinstance(d, int) and d > 0 for d in input_spatial):
+        return None
+    totals = []
+    for size, k, stride, dilation in zip(input_spatial, kernel, strides, dilations):
+        output = -(-size // stride)
+        totals.append(max(0, (output - 1) * stride + (k - 1) * dilation + 1 - size))
+    return totals
 
 
 @dataclass(frozen=True)
@@ -177,7 +199,9 @@ def fold_parameters(layer: Layer, pre: ChannelAffine | None, post: ChannelAffine
     if pre is not None:
         if layer.kind == "Conv":
             weight, bias = fold_math.conv_forward(weight, bias, pre, attrs["group"])
-        else:  # MatMul (ConvTranspose is refused by forward_refusal)
+        elif layer.kind == "ConvTranspose":  # a pure scale (forward_refusal refuses shifts)
+            weight, bias = fold_math.conv_transpose_forward(weight, bias, pre)
+        else:
             weight, bias = fold_math.matmul_forward(weight, pre)
     if post is not None:
         if layer.kind == "Conv":
