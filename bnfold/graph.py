@@ -245,6 +245,20 @@ class GraphIndex:
             self._constants[name] = self._evaluate_constant(name, MAX_CONSTANT_SUBGRAPH_NODES)
         return self._constants[name]
 
+    def why_not_constant(self, name: str) -> str:
+        """Where a non-constant value comes from, for a refusal message."""
+        if name in self.overridable:
+            return "is an initializer that is also a graph input (callers may override it)"
+        if name in self.graph_inputs:
+            return "is a graph input"
+        node = self.producer_of(name)
+        if node is None:
+            return "is not a constant" if self.outer is None else self.outer.why_not_constant(name)
+        label = f"{node.op_type} '{node.name or name}'"
+        if node.op_type == "DequantizeLinear":
+            return f"is dequantized at run time by {label} (quantized weights stay quantized)"
+        return f"is computed by {label}, not a constant bnfold evaluates"
+
     def _evaluate_constant(self, name: str, budget: int) -> np.ndarray | None:
         if name in self.initializers:
             if name in self.overridable:

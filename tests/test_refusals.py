@@ -135,7 +135,16 @@ def test_mean_from_graph_input_is_not_constant() -> None:
     mean = g.input("mean", [4])
     y = g.node(BN, [conv, gamma, beta, mean, var], "bn")
     record = refused(g.model([y]), Reason.PARAMS_NOT_CONSTANT)
-    assert "mean" in record.detail
+    assert "mean" in record.detail and "graph input" in record.detail
+
+
+def test_variance_computed_from_an_input_names_its_producer() -> None:
+    g, conv = conv_bn_graph()
+    gamma, beta, mean, _ = g.bn_params(4)
+    var = g.node("Abs", [g.input("v", [4])])
+    y = g.node(BN, [conv, gamma, beta, mean, var], "bn")
+    record = refused(g.model([y]), Reason.PARAMS_NOT_CONSTANT)
+    assert "computed by Abs" in record.detail
 
 
 def test_overridable_initializer_is_not_constant() -> None:
@@ -204,7 +213,18 @@ def test_conv_weight_from_graph_input_is_refused() -> None:
     conv = g.node("Conv", [x, w, g.const(g.rng.normal(size=4), "b")], pads=[1, 1, 1, 1])
     y = g.bn(conv, 4)
     record = refused(g.model([y]), Reason.WEIGHT_NOT_CONSTANT)
-    assert "'w'" in record.detail
+    assert "'w'" in record.detail and "graph input" in record.detail
+
+
+def test_dequantized_conv_weight_is_refused_and_stays_quantized() -> None:
+    # QDQ models: folding would replace the int8 weight by a float one and undo the quantization.
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, 8, 8])
+    quantized = g.const(g.rng.integers(-100, 100, (4, 3, 3, 3)), "wq", dtype=np.int8)
+    w = g.node("DequantizeLinear", [quantized, g.const(np.float32(0.01), "s"), g.const(np.int8(0), "z", np.int8)])
+    y = g.bn(g.node("Conv", [x, w], pads=[1, 1, 1, 1]), 4)
+    record = refused(g.model([y]), Reason.WEIGHT_NOT_CONSTANT)
+    assert "DequantizeLinear" in record.detail and "quantized" in record.detail
 
 
 def test_conv_weight_overridable_initializer_is_refused() -> None:
@@ -212,7 +232,8 @@ def test_conv_weight_overridable_initializer_is_refused() -> None:
     y = g.bn(conv, 4)
     weight = g.nodes[0].input[1]
     model = make_model(g, [float_output(y, [2, 4, 8, 8])], extra_inputs=initializer_inputs(g, [weight]))
-    refused(model, Reason.WEIGHT_NOT_CONSTANT)
+    record = refused(model, Reason.WEIGHT_NOT_CONSTANT)
+    assert "also a graph input" in record.detail
 
 
 def test_producer_with_other_consumers_is_refused() -> None:

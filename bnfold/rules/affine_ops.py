@@ -76,7 +76,7 @@ def match_batch_norm(node: onnx.NodeProto, index: GraphIndex) -> AffineOp | Refu
     for role, name in zip(("scale", "B", "mean", "var"), node.input[1:5]):
         value = index.constant(name)
         if value is None:
-            return Refusal(Reason.PARAMS_NOT_CONSTANT, f"{role} '{name}' is not a constant")
+            return Refusal(Reason.PARAMS_NOT_CONSTANT, f"{role} '{name}' {index.why_not_constant(name)}")
         if not is_float(value.dtype):
             return Refusal(Reason.UNSUPPORTED_DTYPE, f"{role} has dtype {value.dtype}")
         params.append(value)

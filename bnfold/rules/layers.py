@@ -58,14 +58,16 @@ def match_layer(node: onnx.NodeProto, index: GraphIndex) -> Layer | Refusal | No
         return None
     weight = index.constant(node.input[1])
     if weight is None:
-        return Refusal(Reason.WEIGHT_NOT_CONSTANT, f"{node.op_type} weight '{node.input[1]}' is not a constant")
+        return Refusal(Reason.WEIGHT_NOT_CONSTANT,
+                       f"{node.op_type} weight '{node.input[1]}' {index.why_not_constant(node.input[1])}")
     if not is_float(weight.dtype):
         return Refusal(Reason.UNSUPPORTED_DTYPE, f"{node.op_type} weight has dtype {weight.dtype}")
     bias = None
     if len(node.input) > 2 and node.input[2]:
         bias = index.constant(node.input[2])
         if bias is None:
-            return Refusal(Reason.WEIGHT_NOT_CONSTANT, f"{node.op_type} bias '{node.input[2]}' is not a constant")
+            return Refusal(Reason.WEIGHT_NOT_CONSTANT,
+                           f"{node.op_type} bias '{node.input[2]}' {index.why_not_constant(node.input[2])}")
     if node.op_type in ("Conv", "ConvTranspose"):
         if weight.ndim < 3:
             return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} weight of rank {weight.ndim}")
