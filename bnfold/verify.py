@@ -12,15 +12,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
 
-from bnfold.fold_math import ChannelAffine, is_bfloat16
+from bnfold.affine_probe import probe_affines, probe_spec
+from bnfold.fold_math import is_bfloat16
 from bnfold.graph import scoped_subgraphs
 from bnfold.report import TensorCheck, Verification
 from bnfold.rewrite import Provenance
@@ -31,6 +33,7 @@ from bnfold.tensors import TensorStore
 # float64 slack of the recomputation itself, relative to the magnitude of the values involved.
 RECOMPUTE_SLACK = 1e-12
 ULP_SLICE = 1 << 16  # elements per slice of the ulp check (512 kB of float64)
+SMALL_TENSOR = 4096  # tensors up to this size are checked in one batch per dtype
 
 ModelSource = onnx.ModelProto | str | os.PathLike
 
@@ -67,8 +70,9 @@ def _verify(original, folded, provenance, config: RunConfig, run_onnxruntime: bo
         result.runtime_status = "not run: switched off"
         return result
     # The analytic check (numpy, one thread) runs while onnxruntime builds its sessions, which is
-    # mostly single-threaded too: on two cores that hides most of its cost. Both only read the
-    # models and the store.
+    # mostly single-threaded too: on two cores that hides most of its cost on large weights (numpy
+    # releases the GIL). On graphs of many small layers both are GIL-bound Python work and the
+    # thread neither helps nor hurts (measured). Both only read the models and the store.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-analytic") as pool:
         tensors = pool.submit(_analytic_checks_quietly, folded, provenance, store)
         compare_outputs(original, folded, result, config, store, folded_file)
@@ -120,18 +124,52 @@ def _run_checker(model: onnx.ModelProto | str, full_check: bool) -> None:
 def analytic_checks(folded: onnx.ModelProto, provenance: Sequence[Provenance], store: TensorStore) -> list[TensorCheck]:
     """Compare each written tensor with a float64 recomputation from the original parameters."""
     tensors = _initializers_by_scope(folded)
-    checks = []
-    for record in provenance:
-        expected = _expected_parameters(record)
+    checks: list[TensorCheck] = []
+    small = _SmallTensorBatch()
+    for record, expected in zip(provenance, _expected_parameters(provenance)):
         layer_name = record.layer_node.name or record.output
         for name, values in zip(record.written, expected):
             written = tensors.get((record.scope, name))
             if written is None:
                 checks.append(TensorCheck(name, layer_name, float("inf"), False))
                 continue
-            error = ulp_error(store.read(written), values)
+            array = store.read(written)
+            if array.shape == values.shape and values.size <= SMALL_TENSOR:
+                small.add(len(checks), array, values)
+                checks.append(TensorCheck(name, layer_name, float("nan"), False))  # filled in below
+                continue
+            error = ulp_error(array, values)
             checks.append(TensorCheck(name, layer_name, error, error <= 1.0))
+    for position, error in small.errors():
+        checks[position] = dataclasses.replace(checks[position], max_ulp_error=error, passed=error <= 1.0)
     return checks
+
+
+class _SmallTensorBatch:
+    """Small tensors (biases, the weights of small layers) checked together: one vectorised pass
+    per dtype instead of a dozen numpy calls per tensor, which dominated graphs of many small layers."""
+
+    def __init__(self) -> None:
+        self._by_dtype: dict[np.dtype, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+
+    def add(self, position: int, written: np.ndarray, expected: np.ndarray) -> None:
+        self._by_dtype.setdefault(written.dtype, []).append((position, written.reshape(-1), expected.reshape(-1)))
+
+    def errors(self) -> Iterator[tuple[int, float]]:
+        for items in self._by_dtype.values():
+            yield from ((position, 0.0) for position, _, expected in items if not expected.size)
+            items = [item for item in items if item[2].size]
+            if not items:
+                continue
+            sizes = np.array([expected.size for _, _, expected in items])
+            expected = np.concatenate([e for _, _, e in items]).astype(np.float64, copy=False)
+            written = np.concatenate([w for _, w, _ in items])
+            starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+            largest = np.maximum.reduceat(np.abs(expected), starts)  # NaN stays NaN: then no slack
+            slack = np.repeat(RECOMPUTE_SLACK * np.where(np.isfinite(largest), largest, 0.0), sizes)
+            worst = np.maximum.reduceat(_ulp_errors(written, expected, slack), starts)
+            for (position, _, _), error in zip(items, worst):
+                yield position, float("inf") if np.isnan(error) else float(error)
 
 
 def ulp_error(written: np.ndarray, expected: np.ndarray) -> float:
@@ -149,131 +187,48 @@ def ulp_error(written: np.ndarray, expected: np.ndarray) -> float:
     # NaN anywhere makes `largest` NaN, and then there is no slack (as for inf).
     largest = float(np.max([np.max(np.abs(expected[s])) for s in slices], initial=0.0))
     slack = RECOMPUTE_SLACK * (largest if np.isfinite(largest) else 0.0)
-    return max((_ulp_error_slice(written[s], expected[s], slack) for s in slices), default=0.0)
+    worst = max((float(_ulp_errors(written[s], expected[s], slack).max(initial=0.0)) for s in slices), default=0.0)
+    return float("inf") if np.isnan(worst) else worst
 
 
-def _ulp_error_slice(written: np.ndarray, expected: np.ndarray, slack: float) -> float:
+def _ulp_errors(written: np.ndarray, expected: np.ndarray, slack: float | np.ndarray) -> np.ndarray:
+    """Per element: max(|written - expected| - slack, 0) in ulps of the written dtype at `expected`."""
     dtype = written.dtype if not is_bfloat16(written.dtype) else np.dtype(np.float32)
     with np.errstate(invalid="ignore", over="ignore"):
         error = written.astype(np.float64)
         error -= expected
         np.abs(error, out=error)
-        if not np.isfinite(error).all():  # rare: only then pay for the special-value masks
+        special = not np.isfinite(error).all()
+        if special:  # rare: only then pay for the special-value masks
             written64 = written.astype(np.float64)
             same = (written64 == expected) | (np.isnan(written64) & np.isnan(expected))
-            error = np.where(same, 0.0, np.nan_to_num(error, nan=np.inf))
+            error = np.where(same, 0.0, np.nan_to_num(error, nan=np.inf, posinf=np.inf))
         spacing = np.spacing(expected.astype(dtype))
         np.abs(spacing, out=spacing)
+        if special:  # no spacing at NaN/Inf: there the error is already 0 (same) or inf
+            spacing[~np.isfinite(spacing)] = 1.0
         if is_bfloat16(written.dtype):
             spacing *= 2.0**16  # bfloat16 keeps 8 of float32's 24 significant bits
         error -= slack
         np.maximum(error, 0.0, out=error)
         error /= spacing
-        worst = float(error.max(initial=0.0))
-    return float("inf") if np.isnan(worst) else worst
+    return error
 
 
-def _expected_parameters(record: Provenance) -> list[np.ndarray]:
-    """The float64 parameters the folded node(s) should hold, in `record.written` order."""
+def _expected_parameters(provenance: Sequence[Provenance]) -> Iterator[list[np.ndarray]]:
+    """The float64 parameters each folded layer should hold, in `record.written` order. A generator:
+    the float64 weights of one layer at a time, never of the whole model."""
     from bnfold.graph import GraphIndex
 
-    layer = match_layer(record.layer_node, GraphIndex.of_constants([record.layer_node], record.layer_params, 21))
-    pre = _probe_affine(record.pre, record.constants, record.pre_rank)
-    post = _probe_affine(record.post, record.constants, record.rank)
-    params = fold_parameters(layer, pre, post)
-    return [params.weight] + ([params.bias] if params.bias is not None else [])
-
-
-def _probe_affine(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], rank: int | None) -> ChannelAffine | None:
-    """Recover (scale, shift) of a chain of original affine nodes by evaluating it on 0 and 1.
-
-    The chain is run in float64 by onnx's reference evaluator on a probe tensor with one element
-    per channel; f(0) = shift and f(1) - f(0) = scale. Constants are fed as inputs, so chains of
-    the same shape (every Conv -> BN of a network) share one evaluator.
-    """
-    if not nodes:
-        return None
-    used = {name for node in nodes for name in node.input}
-    constants = {name: value for name, value in constants.items() if name in used}
-    rank = max([rank or 2] + [v.ndim for v in constants.values()])
-    channels = max(max((v.size for v in constants.values()), default=1), 1)
-    axis = _probe_axis(nodes, constants, rank)
-    shape = [1] * rank
-    shape[axis] = channels
-    renamed, feeds = _renamed_chain(nodes, constants)
-    key = (tuple(node.SerializeToString() for node in renamed), tuple(shape),
-           tuple((name, value.shape) for name, value in feeds.items()))
-    evaluator = _EVALUATORS.get(key)
-    if evaluator is None:
-        evaluator = _EVALUATORS[key] = _probe_evaluator(renamed, shape, feeds)
-        if len(_EVALUATORS) > 256:
-            _EVALUATORS.pop(next(iter(_EVALUATORS)))
-    zero = evaluator.run(None, {"x": np.zeros(shape), **feeds})[0].reshape(-1)
-    one = evaluator.run(None, {"x": np.ones(shape), **feeds})[0].reshape(-1)
-    return ChannelAffine(one - zero, zero)
-
-
-_EVALUATORS: dict[tuple, object] = {}
-
-
-def _renamed_chain(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray]):
-    """The chain with positional names (x, c0.., v0.., y) and its constants as float64 feeds."""
-    names = {_data_input(nodes[0], constants): "x", nodes[-1].output[0]: "y"}
-    feeds: dict[str, np.ndarray] = {}
-    renamed = []
-    for position, node in enumerate(nodes):
-        copy = _as_opset15(node)
-        copy = _copy_node(copy)
-        copy.name = ""
-        for i, name in enumerate(copy.input):
-            if name in constants and name not in names:
-                names[name] = f"c{len(feeds)}"
-                feeds[names[name]] = np.asarray(constants[name], dtype=np.float64)
-            copy.input[i] = names.get(name, name)
-        if copy.output[0] not in names:
-            names[copy.output[0]] = f"v{position}"
-        copy.output[0] = names[copy.output[0]]
-        renamed.append(copy)
-    return renamed, feeds
-
-
-def _probe_evaluator(nodes: list[onnx.NodeProto], shape: list[int], feeds: dict[str, np.ndarray]):
-    from onnx.reference import ReferenceEvaluator
-
-    double = onnx.TensorProto.DOUBLE
-    inputs = [onnx.helper.make_tensor_value_info("x", double, shape)]
-    inputs += [onnx.helper.make_tensor_value_info(name, double, value.shape) for name, value in feeds.items()]
-    graph = onnx.helper.make_graph(nodes, "probe", inputs, [onnx.helper.make_tensor_value_info("y", double, None)])
-    return ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 15)]))
-
-
-def _copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    return copy
-
-
-def _probe_axis(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], rank: int) -> int:
-    if any(node.op_type == "BatchNormalization" for node in nodes):
-        return 1
-    for node in nodes:
-        for name in node.input:
-            if name in constants and constants[name].size > 1:
-                shape = constants[name].shape
-                return rank - len(shape) + next(i for i, d in enumerate(shape) if d != 1)
-    return rank - 1
-
-
-def _data_input(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> str:
-    return next(name for name in node.input if name and name not in constants)
-
-
-def _as_opset15(node: onnx.NodeProto) -> onnx.NodeProto:
-    """BN of any opset as BN-15 (same math): the probe model needs one opset for every node."""
-    if node.op_type != "BatchNormalization":
-        return node
-    eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-    return onnx.helper.make_node("BatchNormalization", list(node.input[:5]), [node.output[0]], epsilon=eps)
+    specs = []
+    for record in provenance:
+        specs.append(probe_spec(record.pre, record.constants, record.pre_rank))
+        specs.append(probe_spec(record.post, record.constants, record.rank))
+    affines = probe_affines(specs)  # all chains at once: tiny arrays, evaluated in stacks
+    for position, record in enumerate(provenance):
+        layer = match_layer(record.layer_node, GraphIndex.of_constants([record.layer_node], record.layer_params, 21))
+        params = fold_parameters(layer, affines[2 * position], affines[2 * position + 1])
+        yield [params.weight] + ([params.bias] if params.bias is not None else [])
 
 
 def _initializers_by_scope(model: onnx.ModelProto) -> dict[tuple[str, str], onnx.TensorProto]:
