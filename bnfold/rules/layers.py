@@ -76,9 +76,7 @@ def match_layer(node: onnx.NodeProto, index: GraphIndex) -> Layer | Refusal | No
             out_channels, in_channels = weight.shape[0], weight.shape[1] * group
         else:
             out_channels, in_channels = weight.shape[1] * group, weight.shape[0]
-        info = index.info(node.input[0])
-        spatial = None if info is None or info.shape is None else tuple(info.shape[2:])
-        attrs = {"group": group, "input_spatial": spatial}
+        attrs = {"group": group, "input_spatial": _same_padding_input(node, index)}
         return Layer(node, weight, bias, weight.ndim, 1, 1, out_channels, in_channels, attrs)
     if weight.ndim != 2:
         return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} weight of rank {weight.ndim} (2 needed)")
@@ -99,6 +97,21 @@ def match_layer(node: onnx.NodeProto, index: GraphIndex) -> Layer | Refusal | No
     in_axis = None if input_rank is None else input_rank - 1
     out_axis = None if output_rank is None else output_rank - 1
     return Layer(node, weight, None, output_rank, out_axis, in_axis, weight.shape[1], weight.shape[0])
+
+
+def _same_padding_input(node: onnx.NodeProto, index: GraphIndex) -> tuple | None:
+    """The spatial dims of a SAME-padded Conv's input (how much SAME pads depends on them); None for
+    any other Conv, whose padding the attributes say (shapes come from shape inference, which is
+    only run when a rule needs it: most graphs never pay for it)."""
+    if node.op_type != "Conv" or _auto_pad(node) not in ("SAME_UPPER", "SAME_LOWER"):
+        return None
+    info = index.info(node.input[0])
+    return None if info is None or info.shape is None else tuple(info.shape[2:])
+
+
+def _auto_pad(node: onnx.NodeProto) -> str:
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    return auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
 
 
 def backward_refusal(layer: Layer, axis: int | None, channels: int) -> Refusal | None:
@@ -143,8 +156,7 @@ def forward_refusal(layer: Layer, axis: int | None, channels: int, shift_free: b
 
 def _conv_padding(node: onnx.NodeProto, kernel: tuple[int, ...], input_spatial: tuple | None) -> str:
     """A description of the zero padding a Conv applies, or '' when it applies none."""
-    auto_pad = attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = _auto_pad(node)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         total = _same_total_padding(node, kernel, input_spatial)
         return "" if total is not None and not any(total) else f"auto_pad={auto_pad}"
