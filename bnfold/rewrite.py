@@ -192,6 +192,7 @@ class _Folder:
         dead_names = _dead_values(index, replaced, removed, maybe_dead)
         # Values of an enclosing scope this pass stopped reading: that scope cleans them up.
         self.orphaned.update(n for n in maybe_dead if n not in index.initializers and n not in index.producer)
+        _drop_vanished_value_info(graph, index, replaced, removed)
         for position, node in replaced.items():
             graph.node[position].CopyFrom(node)
         _delete_positions(graph.node, removed)
@@ -317,6 +318,19 @@ def _then(first: ChannelAffine | None, second: ChannelAffine | None) -> ChannelA
     if first is None or second is None:
         return first or second
     return first.then(second)
+
+
+def _drop_vanished_value_info(graph: onnx.GraphProto, index: GraphIndex, replaced: dict[int, onnx.NodeProto],
+                              removed: set[int]) -> None:
+    """value_info describing values this pass removed (the layer's old output, a forward-folded
+    BN's output) would describe values that no longer exist: drop those entries."""
+    if not len(graph.value_info):
+        return
+    vanished = {name for position in removed | replaced.keys() for name in index.nodes[position].output}
+    vanished.difference_update(name for position, node in replaced.items() if position not in removed
+                               for name in node.output)
+    if vanished:
+        _delete_positions(graph.value_info, [i for i, value in enumerate(graph.value_info) if value.name in vanished])
 
 
 def _may_cascade(layers: list[LayerPlan], merges: list[MergePlan]) -> bool:
