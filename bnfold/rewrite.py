@@ -30,7 +30,7 @@ from bnfold.graph import (
 )
 from bnfold.report import FoldedRecord, SkippedRecord
 from bnfold.rules.affine_ops import AffineOp
-from bnfold.rules.chains import LayerPlan, MergePlan, compose, plan_pass
+from bnfold.rules.chains import LayerPlan, MergePlan, chain_axis, compose, plan_pass
 from bnfold.rules.explain import explain_skipped
 from bnfold.rules.layers import Layer, build_nodes, fold_parameters
 from bnfold.shapes import infer_value_infos
@@ -204,7 +204,9 @@ class _Folder:
     def _fold_layer(self, graph, index, plan: LayerPlan, scope, replaced, removed, maybe_dead) -> None:
         layer = plan.layer
         x_name = plan.pre[0].data_input if plan.pre else layer.data_input
-        y_name = plan.post[-1].output if plan.post else layer.output
+        # With layout-only nodes in between, the layer keeps its output and the last of them takes
+        # over the chain's output name instead.
+        y_name = plan.post[-1].output if plan.post and not plan.between else layer.output
         # A layer folded in an earlier pass is recomputed from its original parameters with the maps
         # composed, so it is still rounded once (and checked against one provenance).
         origin = self.origins.pop((scope, layer.output), None)
@@ -225,7 +227,9 @@ class _Folder:
         nodes, tensors = build_nodes(math_layer, params, x_name, y_name, name_for, self.opset,
                                      preferred_names=list(layer.node.input))
         replaced[position] = nodes[0]
-        if len(nodes) > 1:  # MatMul + Add: the Add takes the place of the chain's last node
+        if plan.between:
+            self._hand_over_chain_output(index, plan, nodes, tensors, replaced)
+        elif len(nodes) > 1:  # MatMul + Add: the Add takes the place of the chain's last node
             replaced[index.producer[plan.post[-1].output]] = nodes[1]
         for name, values in tensors.items():
             if name in index.initializers:
@@ -245,6 +249,28 @@ class _Folder:
             provenance.output = y_name
             self.provenance[(scope, y_name)] = provenance
             self.origins[(scope, y_name)] = _Origin(replace(math_layer, node=_copy(math_layer.node)), pre, post)
+
+    @staticmethod
+    def _hand_over_chain_output(index: GraphIndex, plan: LayerPlan, nodes: list[onnx.NodeProto],
+                                tensors: dict[str, np.ndarray], replaced: dict[int, onnx.NodeProto]) -> None:
+        """Layer -> layout nodes -> chain: the layout nodes stay and the chain goes. The last layout
+        node now produces the chain's output; a MatMul's bias Add (it has no bias input) follows the
+        layout nodes instead, broadcast along the axis the channels have moved to."""
+        last = plan.between[-1]
+        end = plan.post[-1].output
+        if len(nodes) == 1:
+            renamed = _copy(last)
+            renamed.output[0] = end
+            replaced[index.producer[last.output[0]]] = renamed
+            return
+        matmul, add = nodes
+        matmul.output[0] = plan.layer.output
+        add.input[0], add.output[0] = last.output[0], end
+        rank, axis = index.rank(last.output[0]), chain_axis(plan.post)
+        bias = tensors[add.input[1]]
+        # Scalar maps only: every channel has the same bias, and one value broadcasts anywhere.
+        tensors[add.input[1]] = bias.reshape((-1,) + (1,) * (rank - 1 - axis)) if axis is not None else bias[:1]
+        replaced[index.producer[end]] = add
 
     def _merge_chain(self, graph, index, merge: MergePlan, scope, replaced, removed, maybe_dead) -> None:
         chain = merge.chain
@@ -302,7 +328,8 @@ class _Folder:
         params = {layer.node.input[1]: layer.weight}
         if layer.bias is not None:
             params[layer.node.input[2]] = layer.bias
-        return Provenance(scope, _copy(layer.node), params, pre, post, constants, layer.output_rank, pre_rank, [], "")
+        rank = index.rank(plan.between[-1].output[0]) if plan.between else layer.output_rank  # where `post` acts
+        return Provenance(scope, _copy(layer.node), params, pre, post, constants, rank, pre_rank, [], "")
 
 
 @dataclass

@@ -134,6 +134,10 @@ def analytic_checks(folded: onnx.ModelProto, provenance: Sequence[Provenance], s
                 checks.append(TensorCheck(name, layer_name, float("inf"), False))
                 continue
             array = store.read(written)
+            if array.size == values.size:
+                # Same values, maybe another shape: a bias placed after a Transpose is stored as
+                # [C, 1, ...] to broadcast on the channels' new axis. Compared in channel order.
+                array, values = array.reshape(-1), values.reshape(-1)
             if array.shape == values.shape and values.size <= SMALL_TENSOR:
                 small.add(len(checks), array, values)
                 checks.append(TensorCheck(name, layer_name, float("nan"), False))  # filled in below

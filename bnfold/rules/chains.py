@@ -22,6 +22,7 @@ from bnfold.fold_math import ChannelAffine, round_to_dtype
 from bnfold.graph import GraphIndex
 from bnfold.rules.affine_ops import AffineOp, is_candidate, match_affine
 from bnfold.rules.layers import LAYER_OPS, Layer, backward_refusal, forward_refusal, match_layer, overflow_refusal
+from bnfold.rules.passthrough import PASSTHROUGH_OPS, axis_before, walk_passthrough
 
 
 @dataclass
@@ -31,6 +32,7 @@ class LayerPlan:
     layer: Layer
     pre: list[AffineOp] = field(default_factory=list)
     post: list[AffineOp] = field(default_factory=list)
+    between: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes before `post`
 
     @property
     def pre_affine(self) -> ChannelAffine | None:
@@ -84,13 +86,16 @@ def plan_pass(index: GraphIndex) -> PassPlan:
         if node.op_type not in LAYER_OPS or not node.output:
             continue
         follower = index.sole_consumer(node.output[0])
+        if follower is not None and follower.op_type in PASSTHROUGH_OPS:
+            between = walk_passthrough(node.output[0], index)
+            follower = index.sole_consumer(between[-1].output[0]) if between else None
         if follower is None or not is_candidate(follower):
             continue  # decided on structure alone: no weight is read for layers with nothing to fold
         layer = match_layer(node, index)
         if isinstance(layer, Layer):
-            post = walk_backward_chain(layer, index)
+            between, post = walk_backward_chain(layer, index)
             if post and _worth_folding(layer, post) and overflow_refusal(layer, None, compose(post)) is None:
-                by_layer[layer.output] = LayerPlan(layer, post=post)
+                by_layer[layer.output] = LayerPlan(layer, post=post, between=between)
                 claimed.update(op.output for op in post)
     for node in index.nodes:
         if not is_candidate(node) or node.output[0] in claimed or node.output[0] in walked:
@@ -111,21 +116,30 @@ def plan_pass(index: GraphIndex) -> PassPlan:
     return plan
 
 
-def walk_backward_chain(layer: Layer, index: GraphIndex) -> list[AffineOp]:
-    """The longest chain of affine ops after `layer` that it can absorb."""
+def walk_backward_chain(layer: Layer, index: GraphIndex) -> tuple[list[onnx.NodeProto], list[AffineOp]]:
+    """The longest chain of affine ops after `layer` that it can absorb, and the layout-only nodes
+    (Transpose, Reshape, ...) between the layer and the chain, which stay where they are."""
+    between = walk_passthrough(layer.output, index)
+    current = between[-1].output[0] if between else layer.output
+    rank = layer.output_rank if not between else index.rank(current)
+    if between and rank is None:
+        return [], []
     chain: list[AffineOp] = []
-    current = layer.output
     while True:
         consumer = index.sole_consumer(current)
         if consumer is None or not is_candidate(consumer):
-            return chain
-        op = match_affine(consumer, index, layer.output_rank)
+            break
+        op = match_affine(consumer, index, rank)
         if not isinstance(op, AffineOp) or op.data_input != current:
-            return chain
-        if backward_refusal(layer, op.axis, op.affine.channels) is not None:
-            return chain
+            break
+        axis = op.axis if op.axis is None or not between else axis_before(between, op.axis, index)
+        if op.axis is not None and axis is None:
+            break
+        if backward_refusal(layer, axis, op.affine.channels) is not None:
+            break
         chain.append(op)
         current = op.output
+    return (between if chain else []), chain
 
 
 def walk_forward_chain(head: onnx.NodeProto, index: GraphIndex, claimed: set[str]) -> list[AffineOp]:
