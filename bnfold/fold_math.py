@@ -66,6 +66,16 @@ class ChannelAffine:
         )
 
 
+def spread_affine(affine: ChannelAffine, inner: int, length: int) -> ChannelAffine:
+    """The map per entry of an axis of `length` where entry f holds channel (f // inner) % C (channels
+    merged with neighbouring axes by a Flatten or Reshape)."""
+    channels = affine.channels
+    if inner == 1 and length == channels:
+        return affine
+    repeats = length // (channels * inner)
+    return ChannelAffine(np.tile(np.repeat(affine.scale, inner), repeats), np.tile(np.repeat(affine.shift, inner), repeats))
+
+
 def bn_affine(
     gamma: FloatArray, beta: FloatArray, mean: FloatArray, var: FloatArray, eps: float
 ) -> ChannelAffine:

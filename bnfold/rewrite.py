@@ -53,6 +53,7 @@ class Provenance:
     pre_rank: int | None
     written: list[str]  # initializer names the folded node(s) read, in input order
     output: str  # the output name of the folded layer
+    pre_spread: tuple[int, int] | None = None  # (inner, length): `pre` reached the layer through a Flatten/Reshape
 
 
 @dataclass
@@ -203,7 +204,9 @@ class _Folder:
 
     def _fold_layer(self, graph, index, plan: LayerPlan, scope, replaced, removed, maybe_dead) -> None:
         layer = plan.layer
-        x_name = plan.pre[0].data_input if plan.pre else layer.data_input
+        # With layout-only nodes after `pre`, the layer keeps reading them and the first of them
+        # reads the chain's input instead.
+        x_name = plan.pre[0].data_input if plan.pre and not plan.pre_between else layer.data_input
         # With layout-only nodes in between, the layer keeps its output and the last of them takes
         # over the chain's output name instead.
         y_name = plan.post[-1].output if plan.post and not plan.between else layer.output
@@ -227,6 +230,10 @@ class _Folder:
         nodes, tensors = build_nodes(math_layer, params, x_name, y_name, name_for, self.opset,
                                      preferred_names=list(layer.node.input))
         replaced[position] = nodes[0]
+        if plan.pre_between:
+            first = _copy(plan.pre_between[0])
+            first.input[0] = plan.pre[0].data_input
+            replaced[index.producer[plan.pre_between[0].output[0]]] = first
         if plan.between:
             self._hand_over_chain_output(index, plan, nodes, tensors, replaced)
         elif len(nodes) > 1:  # MatMul + Add: the Add takes the place of the chain's last node
@@ -318,10 +325,13 @@ class _Folder:
         pre = [_copy(op.node) for op in plan.pre]
         post = [_copy(op.node) for op in plan.post]
         pre_rank = index.rank(plan.pre[0].data_input) if plan.pre else None
+        spread = plan.pre_spread
+        pre_spread = None if spread is None else (spread.inner, spread.length)
         earlier = self.provenance.pop((scope, plan.layer.output), None) if origin else None
         if earlier is not None:  # extend the first fold's record: same original layer, longer chains
             return Provenance(scope, earlier.layer_node, earlier.layer_params, pre + earlier.pre, earlier.post + post,
-                              {**earlier.constants, **constants}, earlier.rank, pre_rank or earlier.pre_rank, [], "")
+                              {**earlier.constants, **constants}, earlier.rank, pre_rank or earlier.pre_rank, [], "",
+                              pre_spread or earlier.pre_spread)
         layer = plan.layer
         # The arrays the plan read (read-only views of the stored values): reading them again
         # would hold a second copy of every folded weight until verification.
@@ -329,7 +339,7 @@ class _Folder:
         if layer.bias is not None:
             params[layer.node.input[2]] = layer.bias
         rank = index.rank(plan.between[-1].output[0]) if plan.between else layer.output_rank  # where `post` acts
-        return Provenance(scope, _copy(layer.node), params, pre, post, constants, rank, pre_rank, [], "")
+        return Provenance(scope, _copy(layer.node), params, pre, post, constants, rank, pre_rank, [], "", pre_spread)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from bnfold.affine_probe import probe_affines, probe_spec
-from bnfold.fold_math import is_bfloat16
+from bnfold.fold_math import is_bfloat16, spread_affine
 from bnfold.graph import scoped_subgraphs
 from bnfold.report import TensorCheck, Verification
 from bnfold.rewrite import Provenance
@@ -231,7 +231,10 @@ def _expected_parameters(provenance: Sequence[Provenance]) -> Iterator[list[np.n
     affines = probe_affines(specs)  # all chains at once: tiny arrays, evaluated in stacks
     for position, record in enumerate(provenance):
         layer = match_layer(record.layer_node, GraphIndex.of_constants([record.layer_node], record.layer_params, 21))
-        params = fold_parameters(layer, affines[2 * position], affines[2 * position + 1])
+        pre = affines[2 * position]
+        if pre is not None and record.pre_spread is not None:
+            pre = spread_affine(pre, *record.pre_spread)
+        params = fold_parameters(layer, pre, affines[2 * position + 1])
         yield [params.weight] + ([params.bias] if params.bias is not None else [])
 
 

@@ -174,3 +174,74 @@ def test_reshape_with_a_run_time_shape_is_refused_when_shapes_are_unknown() -> N
     model = g.model([g.bn(y, 5)], check=False)
     result = bnfold.fold(model, verify=False)
     assert result.report.folded == [] and op_types(result.model) == op_types(model)
+
+
+# --- forward: chain -> layout nodes -> layer ---------------------------------------------------------
+
+
+def test_bn2d_then_flatten_then_linear_folds_forward() -> None:
+    """ArcFace-style head: residual Add -> BatchNorm2d -> Flatten -> Linear -> BatchNorm1d. The BN2d
+    cannot go backward (an Add produces its input); forward, channel c covers Linear inputs
+    c*H*W .. (c+1)*H*W - 1."""
+    g = GraphBuilder()
+    x = g.input("x", [2, 4, 3, 3])
+    y = g.bn(g.node("Add", [x, x]), 4)
+    y = g.bn(g.gemm(g.node("Flatten", [y]), 36, 5, trans_b=1), 5)
+    model = g.model([y])
+    result = fold_and_compare(model)
+    assert op_types(result.model) == ["Add", "Flatten", "Gemm"]
+    assert sorted(directions(result)) == [(BN, "backward"), (BN, "forward")]
+    flatten = result.model.graph.node[1]
+    assert flatten.input[0] == result.model.graph.node[0].output[0]
+
+
+@pytest.mark.parametrize("batch", [2, "N"])
+def test_bn_then_reshape_then_matmul_folds_forward(batch) -> None:
+    g = GraphBuilder()
+    x = g.input("x", [batch, 4, 3, 3])
+    y = g.node("Reshape", [g.bn(g.relu(x), 4), g.const(int64([-1, 36]), dtype=np.int64)])
+    model = g.model([g.matmul(y, 36, 5)])
+    feeds = {"x": np.random.default_rng(2).uniform(-1, 1, (2, 4, 3, 3)).astype(np.float32)}
+    assert op_types(fold_and_compare(model, feeds).model) == ["Relu", "Reshape", "Gemm"]
+
+
+def test_channels_last_then_flatten_interleaves_channels() -> None:
+    # Transpose to NHWC, then Flatten: feature f belongs to channel f % C.
+    g = GraphBuilder()
+    x = g.input("x", [2, 4, 3, 3])
+    y = g.node("Transpose", [g.bn(g.relu(x), 4)], perm=[0, 2, 3, 1])
+    model = g.model([g.gemm(g.node("Flatten", [y]), 36, 5)])
+    assert op_types(fold_and_compare(model).model) == ["Relu", "Transpose", "Flatten", "Gemm"]
+
+
+def test_scalar_maps_fold_forward_through_a_flatten() -> None:
+    g = GraphBuilder()
+    x = g.input("x", [2, 4, 3, 3])
+    y = g.node("Mul", [g.relu(x), g.const(np.float32(0.5))])
+    y = g.node("Add", [y, g.const(np.float32(0.25))])
+    model = g.model([g.gemm(g.node("Flatten", [y]), 36, 5)])
+    assert op_types(fold_and_compare(model).model) == ["Relu", "Flatten", "Gemm"]
+
+
+def test_flatten_that_puts_channels_on_the_batch_side_is_refused() -> None:
+    # Flatten(axis=2): [N, C, H, W] -> [N*C, H*W]; the Gemm contracts H*W, channels are rows.
+    g = GraphBuilder()
+    x = g.input("x", [2, 4, 3, 3])
+    y = g.node("Flatten", [g.bn(g.relu(x), 4)], axis=2)
+    result = refused_untouched(g.model([g.gemm(y, 9, 5)]))
+    assert [s.reason for s in result.report.skipped] == [Reason.NO_FOLDABLE_NEIGHBOUR]
+
+
+def test_flatten_with_another_reader_is_refused() -> None:
+    g = GraphBuilder()
+    x = g.input("x", [2, 4, 3, 3])
+    flat = g.node("Flatten", [g.bn(g.relu(x), 4)])
+    refused_untouched(g.model([g.gemm(flat, 36, 5), flat]))
+
+
+def test_shifting_map_through_a_flatten_into_a_padded_conv_is_refused() -> None:
+    # [N, C, 4] -> Unsqueeze -> [N, C, 4, 1] -> padded Conv: the padding would see 0, not the shift.
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, 4])
+    y = g.node("Unsqueeze", [g.bn(g.relu(x), 3), g.const(int64([3]), dtype=np.int64)])
+    refused_untouched(g.model([g.conv(y, 3, 4, kernel=3, pads=[1, 1, 1, 1])]))

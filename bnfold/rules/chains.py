@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from bnfold.fold_math import ChannelAffine, round_to_dtype
+from bnfold.fold_math import ChannelAffine, round_to_dtype, spread_affine
 from bnfold.graph import GraphIndex
 from bnfold.rules.affine_ops import AffineOp, is_candidate, match_affine
 from bnfold.rules.layers import LAYER_OPS, Layer, backward_refusal, forward_refusal, match_layer, overflow_refusal
-from bnfold.rules.passthrough import PASSTHROUGH_OPS, axis_before, walk_passthrough
+from bnfold.rules.passthrough import PASSTHROUGH_OPS, ChannelSpread, axis_before, spread_after, walk_passthrough
 
 
 @dataclass
@@ -33,10 +33,15 @@ class LayerPlan:
     pre: list[AffineOp] = field(default_factory=list)
     post: list[AffineOp] = field(default_factory=list)
     between: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes before `post`
+    pre_between: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes after `pre`
+    pre_spread: ChannelSpread | None = None  # where `pre`'s channels are at the layer's input
 
     @property
     def pre_affine(self) -> ChannelAffine | None:
-        return compose(self.pre)
+        affine = compose(self.pre)
+        if affine is None or self.pre_spread is None:
+            return affine
+        return spread_affine(affine, self.pre_spread.inner, self.pre_spread.length)
 
     @property
     def post_affine(self) -> ChannelAffine | None:
@@ -105,7 +110,14 @@ def plan_pass(index: GraphIndex) -> PassPlan:
             continue
         walked.update(op.output for op in chain)
         targets = forward_targets(chain, index, by_layer)
-        if isinstance(targets, list):
+        through_layout = forward_layout_target(chain, index, by_layer) if targets is None else None
+        if through_layout is not None:
+            layer, between, spread = through_layout
+            by_layer.setdefault(layer.output, LayerPlan(layer))
+            by_layer[layer.output].pre, by_layer[layer.output].pre_between = chain, between
+            by_layer[layer.output].pre_spread = spread
+            claimed.update(op.output for op in chain)
+        elif isinstance(targets, list):
             for layer in targets:
                 by_layer.setdefault(layer.output, LayerPlan(layer)).pre = chain
             claimed.update(op.output for op in chain)
@@ -201,6 +213,35 @@ def forward_targets(chain: list[AffineOp], index: GraphIndex, by_layer: dict[str
             return None
         layers.append(layer)
     return layers
+
+
+def forward_layout_target(chain: list[AffineOp], index: GraphIndex, by_layer: dict[str, LayerPlan]
+                          ) -> tuple[Layer, list[onnx.NodeProto], ChannelSpread | None] | None:
+    """chain -> layout-only nodes -> one layer (BatchNorm2d -> Flatten -> Linear): the layer, the
+    layout nodes, and where the chain's channels are along the layer's input axis; None if not."""
+    between = walk_passthrough(chain[-1].output, index)
+    if not between:
+        return None
+    last = between[-1].output[0]
+    consumer = index.sole_consumer(last)
+    layer = None if consumer is None else match_layer(consumer, index)
+    if not isinstance(layer, Layer) or layer.data_input != last or list(consumer.input).count(last) != 1:
+        return None
+    axis, channels = chain_axis(chain), chain_channels(chain)
+    spread = None if axis is None else spread_after(between, axis, channels, index)
+    if axis is not None and spread is None:
+        return None
+    affine = compose(chain)
+    if spread is not None:
+        affine = spread_affine(affine.expanded(channels), spread.inner, spread.length)
+    if forward_refusal(layer, None if spread is None else spread.axis, affine.channels, not affine.shift.any()):
+        return None
+    planned = by_layer.get(layer.output)
+    if planned is not None and planned.pre:
+        return None
+    if overflow_refusal(layer, affine, planned.post_affine if planned else None) is not None:
+        return None
+    return layer, between, spread
 
 
 def mergeable(chain: list[AffineOp], index: GraphIndex) -> bool:

@@ -14,6 +14,7 @@ element keeps its channel index under row-major order). Anything else ends the w
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import onnx
 
@@ -21,6 +22,17 @@ from bnfold.graph import GraphIndex, attribute
 from bnfold.rules.affine_ops import is_default_domain
 
 PASSTHROUGH_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+
+@dataclass(frozen=True)
+class ChannelSpread:
+    """Where a tensor's channels are after layout nodes: along `axis`, of size `length`, entry f
+    holds channel (f // inner) % channels. Flatten of [N, C, H, W] spreads C over axis 1 with
+    inner = H*W; a layout that keeps the channel axis whole has inner 1 and length C."""
+
+    axis: int
+    inner: int
+    length: int
 
 
 def walk_passthrough(start: str, index: GraphIndex) -> list[onnx.NodeProto]:
@@ -48,6 +60,60 @@ def axis_before(nodes: list[onnx.NodeProto], axis: int, index: GraphIndex) -> in
     return axis
 
 
+def spread_after(nodes: list[onnx.NodeProto], axis: int, channels: int, index: GraphIndex) -> ChannelSpread | None:
+    """Where channel axis `axis` (of `channels` entries) of the first node's input ends up in the
+    last node's output, or None when its entries do not map to channels in one regular pattern.
+    An axis may be merged with the (static) axes next to it once, by the last reshape."""
+    spread = ChannelSpread(axis, 1, channels)
+    for position, node in enumerate(nodes):
+        if node.op_type == "Identity":
+            continue
+        if node.op_type == "Transpose":
+            perm = attribute(node, "perm", None)
+            rank = index.rank(node.input[0])
+            perm = list(perm) if perm is not None else (list(reversed(range(rank))) if rank is not None else None)
+            if perm is None or spread.axis not in perm:
+                return None
+            spread = ChannelSpread(perm.index(spread.axis), spread.inner, spread.length)
+            continue
+        before, after = index.info(node.input[0]), index.info(node.output[0])
+        if before is None or after is None or before.shape is None or after.shape is None:
+            return None
+        merged = spread.inner != 1 or spread.length != channels
+        kept = [q for q in range(len(after.shape))
+                if _reshaped_axis_before(list(before.shape), list(after.shape), q) == spread.axis]
+        if kept:
+            spread = ChannelSpread(kept[0], spread.inner, spread.length)
+        elif merged or position != len(nodes) - 1:
+            return None  # merging twice, or moving a merged axis on: not followed
+        else:
+            spread = _merged_axis_after(list(before.shape), list(after.shape), spread.axis)
+            if spread is None:
+                return None
+    return spread
+
+
+def _merged_axis_after(before: list, after: list, axis: int) -> ChannelSpread | None:
+    """A row-major reshape that merges channel axis `axis` with static neighbours into one axis of
+    `after` (the same number of elements in front of the merged run as in front of that axis)."""
+    channels = before[axis]
+    if not isinstance(channels, int) or channels <= 1:
+        return None
+    for q, size in enumerate(after):
+        if not isinstance(size, int):
+            continue
+        for start in range(axis, -1, -1):
+            if not all(isinstance(d, int) for d in before[start:axis]):
+                break
+            for stop in range(axis + 1, len(before) + 1):
+                run = before[start:stop]
+                if not all(isinstance(d, int) for d in run) or math.prod(run) > size:
+                    break
+                if math.prod(run) == size and _same_elements_around(before, start, stop, after, q):
+                    return ChannelSpread(q, math.prod(before[axis + 1:stop]), size)
+    return None
+
+
 def _axis_before_node(node: onnx.NodeProto, axis: int, index: GraphIndex) -> int | None:
     if node.op_type == "Identity":
         return axis
@@ -73,13 +139,21 @@ def _reshaped_axis_before(before: list, after: list, axis: int) -> int | None:
     channels = after[axis]
     if not isinstance(channels, int) or channels <= 1:
         return None  # one channel: a scalar map, which the chain rules treat without an axis
-    front = _elements(after[:axis])
-    if front is None:
-        return None
     for candidate, dim in enumerate(before):
-        if dim == channels and _elements(before[:candidate]) == front:
+        if dim == channels and _same_elements_around(before, candidate, candidate + 1, after, axis):
             return candidate
     return None
+
+
+def _same_elements_around(before: list, start: int, stop: int, after: list, axis: int) -> bool:
+    """Do before[start:stop] and after[axis] sit behind the same number of elements? A reshape keeps
+    the total, so equal counts behind them say the same as equal counts in front (useful when the
+    front holds a batch dim inference could not name, as after a Reshape to [-1, ...])."""
+    front = _elements(before[:start])
+    if front is not None and front == _elements(after[:axis]):
+        return True
+    back = _elements(before[stop:])
+    return back is not None and back == _elements(after[axis + 1:])
 
 
 def _elements(dims: list) -> tuple | None:
