@@ -304,6 +304,18 @@ def tf_nhwc_affine() -> onnx.ModelProto:
     return b.model([vi("x", [1, 3, 8, 8])], [vi("y", [1, 8, 8, 8])], opset=13)
 
 
+def arcface_head() -> onnx.ModelProto:
+    """ArcFace-style head: residual Add → BatchNorm2d → Flatten → Gemm(transB=1) → BatchNorm1d."""
+    b = B(seed=17)
+    y = b.node("Add", ["x", "x"], "residual")
+    y = b.node("Flatten", [b.bn(y, 8, "bn2")], "flatten")
+    w = b.init("fc.w", b.weight((6, 8 * 3 * 3), 72))
+    c = b.init("fc.b", (0.1 * b.rng.standard_normal(6)).astype(np.float32))
+    y = b.node("Gemm", [y, w, c], "fc", transB=1)
+    b.bn(y, 6, "y")
+    return b.model([vi("x", [2, 8, 3, 3])], [vi("y", [2, 6])], opset=13)
+
+
 def trap_reshape_moves_channels() -> onnx.ModelProto:
     """MatMul [4, 6]·[6, 6] → Reshape [2, 6, 2] → BN over 6 channels: after the reshape, axis 1 does
     NOT index the MatMul's output features (element (n, c) lands on channel (6n + c) // 2 mod 6)."""
@@ -358,6 +370,9 @@ SPECS = [
          "bias stays as one Add", 0, 1),
     Spec("10c", "TF NHWC: Conv → Transpose → Mul [C] → Add [C] → Transpose (opset 13)", tf_nhwc_affine,
          "the Mul and Add act on the Conv's channels (last axis after the Transpose): foldable", 0, 0),
+    Spec("10d", "ArcFace head: Add → BN2d → Flatten → Gemm → BN1d (opset 13)", arcface_head,
+         "BN1d folds into the Gemm; BN2d folds forward through the Flatten (channel c covers inputs c·9 … c·9+8); "
+         "the residual Add (of two activations) stays", 0, 1),
     Spec("11", "Trap: MatMul → Reshape [2,6,2] → BN over 6 channels (opset 13)", trap_reshape_moves_channels,
          "must NOT be folded: the reshape moves elements across channels", 1, 0),
 ]
