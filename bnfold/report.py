@@ -72,6 +72,7 @@ class TensorCheck:
     layer: str
     max_ulp_error: float
     passed: bool
+    error: str = ""  # why it could not be recomputed (then it fails)
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,8 @@ class Verification:
     def failures(self) -> list[str]:
         """One line per failed check, for error messages."""
         lines = [] if self.checker_passed else [f"onnx checker: {self.checker_message}"]
-        lines += [f"tensor {t.tensor} ({t.layer}) off by {t.max_ulp_error:.3g} ulp" for t in self.tensors
-                  if not t.passed]
+        lines += [f"tensor {t.tensor} ({t.layer}) " + (t.error or f"off by {t.max_ulp_error:.3g} ulp")
+                  for t in self.tensors if not t.passed]
         lines += [f"output {o.name}: {o.mismatches}/{o.elements} elements outside atol={o.atol:g} "
                   f"rtol={o.rtol:g} (max abs error {o.max_abs_error:.3g})" for o in self.outputs if not o.passed]
         if self.runtime_status not in ("passed", "failed"):

@@ -33,6 +33,7 @@ from bnfold.rules.affine_ops import AffineOp
 from bnfold.rules.chains import LayerPlan, MergePlan, chain_axis, compose, plan_pass
 from bnfold.rules.explain import explain_skipped
 from bnfold.rules.layers import Layer, build_nodes, fold_parameters
+from bnfold.rules.passthrough import PASSTHROUGH_OPS
 from bnfold.shapes import infer_value_infos
 from bnfold.tensors import TensorStore
 
@@ -40,20 +41,28 @@ MAX_PASSES = 32
 
 
 @dataclass
+class ChainSegment:
+    """Original affine nodes folded into a layer in one pass, as they acted on one tensor."""
+
+    nodes: list[onnx.NodeProto]  # copies, in data order
+    rank: int | None  # rank of the tensor they act on
+    spread: tuple[int, int] | None = None  # (inner, length): reached the layer's input through a Flatten/Reshape
+
+
+@dataclass
 class Provenance:
-    """What a folded layer was made from, kept for the analytic check in `bnfold.verify`."""
+    """What a folded layer was made from, kept for the analytic check in `bnfold.verify`. Each pass
+    that folds into the layer adds a segment: segments act on different tensors (layout nodes may sit
+    between them), so each is re-derived on its own and then composed."""
 
     scope: str
     layer_node: onnx.NodeProto  # a copy of the original layer node
     layer_params: dict[str, np.ndarray]  # its constant inputs as stored, by input name
-    pre: list[onnx.NodeProto]  # copies of the affine nodes folded in front, in data order
-    post: list[onnx.NodeProto]  # copies of the affine nodes folded behind, in data order
+    pre: list[ChainSegment]  # folded in front, in data order
+    post: list[ChainSegment]  # folded behind, in data order
     constants: dict[str, np.ndarray]  # the affine nodes' constant inputs as stored
-    rank: int | None  # rank of the tensors the affine maps act on (post side, else pre side)
-    pre_rank: int | None
     written: list[str]  # initializer names the folded node(s) read, in input order
     output: str  # the output name of the folded layer
-    pre_spread: tuple[int, int] | None = None  # (inner, length): `pre` reached the layer through a Flatten/Reshape
 
 
 @dataclass
@@ -143,7 +152,7 @@ class _Folder:
             if not plan:
                 break
             self.outcome.passes += 1
-            cascades = _may_cascade(plan.layers, plan.merges)
+            cascades = _may_cascade(plan.layers, plan.merges, index)
             self._apply(graph, index, plan.layers, plan.merges, scope)
             if not cascades and not _needs_index(graph):
                 return  # no BN left to explain, no subgraph to visit: skip re-indexing a big graph
@@ -322,25 +331,22 @@ class _Folder:
                 value = index.constant(name) if name and name != op.data_input else None
                 if value is not None:
                     constants[name] = value
-        pre = [_copy(op.node) for op in plan.pre]
-        post = [_copy(op.node) for op in plan.post]
-        pre_rank = index.rank(plan.pre[0].data_input) if plan.pre else None
         spread = plan.pre_spread
-        pre_spread = None if spread is None else (spread.inner, spread.length)
+        pre = [ChainSegment([_copy(op.node) for op in plan.pre], index.rank(plan.pre[0].data_input),
+                            None if spread is None else (spread.inner, spread.length))] if plan.pre else []
+        post_rank = index.rank(plan.between[-1].output[0]) if plan.between else plan.layer.output_rank
+        post = [ChainSegment([_copy(op.node) for op in plan.post], post_rank)] if plan.post else []
         earlier = self.provenance.pop((scope, plan.layer.output), None) if origin else None
-        if earlier is not None:  # extend the first fold's record: same original layer, longer chains
+        if earlier is not None:  # extend the first fold's record: same original layer, more segments
             return Provenance(scope, earlier.layer_node, earlier.layer_params, pre + earlier.pre, earlier.post + post,
-                              {**earlier.constants, **constants}, earlier.rank, pre_rank or earlier.pre_rank, [], "",
-                              pre_spread or earlier.pre_spread)
+                              {**earlier.constants, **constants}, [], "")
         layer = plan.layer
         # The arrays the plan read (read-only views of the stored values): reading them again
         # would hold a second copy of every folded weight until verification.
         params = {layer.node.input[1]: layer.weight}
         if layer.bias is not None:
             params[layer.node.input[2]] = layer.bias
-        rank = index.rank(plan.between[-1].output[0]) if plan.between else layer.output_rank  # where `post` acts
-        return Provenance(scope, _copy(layer.node), params, pre, post, constants, rank, pre_rank, [], "", pre_spread)
-
+        return Provenance(scope, _copy(layer.node), params, pre, post, constants, [], "")
 
 @dataclass
 class _Origin:
@@ -370,12 +376,19 @@ def _drop_vanished_value_info(graph: onnx.GraphProto, index: GraphIndex, replace
         _delete_positions(graph.value_info, [i for i, value in enumerate(graph.value_info) if value.name in vanished])
 
 
-def _may_cascade(layers: list[LayerPlan], merges: list[MergePlan]) -> bool:
-    """Can this pass's edits open folds the pass could not see? Only forward folds (a chain's
-    producer gains the layers as consumers), merges, and MatMuls (which may become Gemms) can.
-    A backward fold into Conv/ConvTranspose/Gemm leaves every neighbour's situation as it was, so
-    the common case needs no second full pass."""
-    return bool(merges) or any(plan.pre or plan.layer.kind == "MatMul" for plan in layers)
+def _may_cascade(layers: list[LayerPlan], merges: list[MergePlan], index: GraphIndex) -> bool:
+    """Can this pass's edits open folds the pass could not see? Forward folds (a chain's producer
+    gains the layers as consumers), merges, MatMuls (which may become Gemms), and backward folds
+    whose chain ends in a layout node (Conv -> BN -> Transpose -> Mul: the Mul is reachable only
+    once the BN is gone) can. Any other backward fold into Conv/ConvTranspose/Gemm leaves every
+    neighbour's situation as it was, so the common case needs no second full pass."""
+    if merges or any(plan.pre or plan.layer.kind == "MatMul" for plan in layers):
+        return True
+    for plan in layers:
+        follower = index.sole_consumer(plan.post[-1].output) if plan.post else None
+        if follower is not None and follower.op_type in PASSTHROUGH_OPS:
+            return True
+    return False
 
 
 def _delete_positions(container, positions: Iterable[int]) -> None:

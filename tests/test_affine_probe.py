@@ -220,3 +220,32 @@ def test_a_layer_with_non_finite_weights_folds_and_verifies() -> None:
     folded = onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "w"
                                              or t.name.startswith("w")))
     assert np.isposinf(folded[1, 0, 0, 0]) == (params[0][1] > 0) and np.isnan(folded[2, 1, 1, 1])
+
+
+def test_an_analytic_check_that_cannot_run_fails_its_tensors_with_the_reason(monkeypatch, tmp_path) -> None:
+    """Never a traceback and never a pass: if the float64 recomputation itself raises, every tensor
+    it should have checked fails with the reason, and the CLI exits 1 without writing."""
+    import importlib
+
+    from builders import GraphBuilder, invoke
+
+    import bnfold
+
+    verify_module = importlib.import_module("bnfold.verify")
+
+    def broken(specs):
+        raise RuntimeError("probe exploded")
+
+    monkeypatch.setattr(verify_module, "probe_affines", broken)
+    g = GraphBuilder(rng=np.random.default_rng(0))
+    y = g.bn(g.conv(g.input("x", [1, 3, 6, 6]), 3, 4, pads=[1, 1, 1, 1]), 4)
+    model = g.model([y])
+    result = bnfold.fold(model, raise_on_failure=False)
+    tensors = result.report.verification.tensors
+    assert tensors and all(not t.passed and "probe exploded" in t.error for t in tensors)
+    assert not result.report.passed
+    assert any("not recomputed" in line for line in result.report.verification.failures())
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    cli = invoke([path, "-o", tmp_path / "out.onnx"])
+    assert cli.exit_code == 1 and not (tmp_path / "out.onnx").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from builders import GraphBuilder
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
@@ -110,3 +111,44 @@ def test_ci_runs_the_readme_test_command():
     test_command = commands[1]
     assert "pytest" in test_command
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def _opset6_gemm_then_legacy_mul(axis: int | None) -> onnx.ModelProto:
+    """Gemm-6 [4, 4] -> Mul-6(broadcast=1[, axis]) by a [4] constant."""
+    g = GraphBuilder(opset=6)
+    x = g.input("x", [4, 6])
+    gemm = g.gemm(x, 6, 4, broadcast=1)
+    attrs = {"broadcast": 1} if axis is None else {"broadcast": 1, "axis": axis}
+    y = g.node("Mul", [gemm, g.const(np.array([0.5, 2.0, -1.0, 3.0]))], **attrs)
+    inputs = g.inputs + [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in g.initializers]
+    graph = helper.make_graph(g.nodes, "old", inputs, [helper.make_tensor_value_info(y, TensorProto.FLOAT, [4, 4])],
+                              g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_legacy_broadcast_axis_0_is_per_row_and_is_not_folded():
+    """Mul-6 with broadcast=1, axis=0 scales ROWS of the [4, 4] Gemm output (the constant aligns at
+    axis 0, not at the end as in numpy). Folding it onto the Gemm's output columns would be wrong."""
+    model = _opset6_gemm_then_legacy_mul(axis=0)
+    result = bnfold.fold(model, verify=False)
+    assert [n.op_type for n in result.model.graph.node] == ["Gemm", "Mul"]
+    assert result.report.folded == []
+
+
+@pytest.mark.parametrize("axis", [None, 1, -1])
+def test_legacy_broadcast_that_matches_numpy_alignment_folds(axis):
+    """No axis (suffix matching) or axis 1 on a rank-2 tensor for a [C] constant: per output column."""
+    model = _opset6_gemm_then_legacy_mul(axis=axis)
+    result = bnfold.fold(model, verify=False)
+    assert [n.op_type for n in result.model.graph.node] == ["Gemm"]
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 6)).astype(np.float32)
+    gemm = model.graph.node[0]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    expected = (x @ inits[gemm.input[1]] + inits[gemm.input[2]]) * np.array([0.5, 2.0, -1.0, 3.0], np.float32)
+    folded = result.model.graph.node[0]
+    got_inits = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    got = x @ got_inits[folded.input[1]] + got_inits[folded.input[2]]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

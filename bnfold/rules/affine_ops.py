@@ -106,6 +106,9 @@ def _match_arithmetic(node: onnx.NodeProto, index: GraphIndex, rank: int | None)
     rank = index.rank(data_input) if index.rank(data_input) is not None else rank
     if not is_float(const.dtype):
         return Refusal(Reason.UNSUPPORTED_DTYPE, f"{node.op_type} constant has dtype {const.dtype}")
+    legacy = _legacy_broadcast_refusal(node, index, rank, const.ndim)
+    if legacy is not None:
+        return legacy
     axis = broadcast_axis(const.shape, rank)
     if isinstance(axis, Refusal):
         return axis
@@ -121,6 +124,21 @@ def _match_arithmetic(node: onnx.NodeProto, index: GraphIndex, rank: int | None)
     else:
         affine = shift_affine(values, subtract=node.op_type == "Sub")
     return AffineOp(node, data_input, affine, axis)
+
+
+def _legacy_broadcast_refusal(node: onnx.NodeProto, index: GraphIndex, rank: int | None, const_rank: int) -> Refusal | None:
+    """Opset < 7 Mul/Add/Sub/Div with broadcast=1 and an `axis` attribute align the constant's dims
+    starting at that axis, not at the end as numpy does ([C] with axis=1 on NCHW is per channel).
+    Only the case where both alignments agree is read as numpy broadcasting; the others are refused."""
+    if index.opset >= 7 or not attribute(node, "broadcast", 0):
+        return None
+    legacy_axis = attribute(node, "axis", None)
+    if legacy_axis is None:
+        return None  # no axis: suffix matching, which is numpy's alignment
+    if rank is not None and int(legacy_axis) % max(rank, 1) == rank - const_rank:
+        return None
+    return Refusal(Reason.UNSUPPORTED_ATTRIBUTE, f"legacy broadcast axis={legacy_axis} aligns the constant at "
+                   "that axis, not at the end")
 
 
 def broadcast_axis(const_shape: tuple[int, ...], rank: int | None) -> int | None | Refusal:

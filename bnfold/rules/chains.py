@@ -131,7 +131,9 @@ def plan_pass(index: GraphIndex) -> PassPlan:
 def walk_backward_chain(layer: Layer, index: GraphIndex) -> tuple[list[onnx.NodeProto], list[AffineOp]]:
     """The longest chain of affine ops after `layer` that it can absorb, and the layout-only nodes
     (Transpose, Reshape, ...) between the layer and the chain, which stay where they are."""
-    between = walk_passthrough(layer.output, index)
+    # Opset < 7 has legacy broadcasting (the bias Add a rank-3 MatMul may need after the layout
+    # nodes would not be numpy-aligned there): layout passthrough only from opset 7 on.
+    between = walk_passthrough(layer.output, index) if index.opset >= 7 else []
     current = between[-1].output[0] if between else layer.output
     rank = layer.output_rank if not between else index.rank(current)
     if between and rank is None:
@@ -219,7 +221,7 @@ def forward_layout_target(chain: list[AffineOp], index: GraphIndex, by_layer: di
                           ) -> tuple[Layer, list[onnx.NodeProto], ChannelSpread | None] | None:
     """chain -> layout-only nodes -> one layer (BatchNorm2d -> Flatten -> Linear): the layer, the
     layout nodes, and where the chain's channels are along the layer's input axis; None if not."""
-    between = walk_passthrough(chain[-1].output, index)
+    between = walk_passthrough(chain[-1].output, index) if index.opset >= 7 else []
     if not between:
         return None
     last = between[-1].output[0]
