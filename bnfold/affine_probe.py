@@ -19,6 +19,7 @@ import onnx
 from bnfold.fold_math import ChannelAffine
 
 MAX_CACHED_EVALUATORS = 256
+PROBE_FAR = 2.0**24  # a power of two: exact in float64, far enough that the scale dominates any sane shift
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def _stack(members: list[ProbeSpec]) -> ProbeSpec | None:
     feeds = {}
     for name, position in positions.items():
         parts = [_with_channels(m.feeds[name], position, m.channels) for m in members]
-        feeds[name] = np.concatenate(parts, axis=position)
+        feeds[name] = np.concatenate(parts, axis=max(position, 0))  # a padded constant has channels at 0
     channels = first.channels * len(members)
     return ProbeSpec(first.nodes, feeds, first.rank, first.axis, channels, ("stacked", channels) + first.key)
 
@@ -134,7 +135,32 @@ def _evaluate(spec: ProbeSpec) -> ChannelAffine:
     shape = spec.shape
     zero = evaluator.run(None, {"x": np.zeros(shape), **spec.feeds})[0].reshape(-1)
     one = evaluator.run(None, {"x": np.ones(shape), **spec.feeds})[0].reshape(-1)
-    return ChannelAffine(one - zero, zero)
+    scale = one - zero
+    if (np.abs(zero) > np.abs(scale)).any():
+        # f(1) - f(0) keeps only ~ulp(shift) of the scale when the shift dominates (a BN with a tiny
+        # gamma and a large beta): probe far out, where the scale dominates instead.
+        far = evaluator.run(None, {"x": np.full(shape, PROBE_FAR), **spec.feeds})[0].reshape(-1)
+        with np.errstate(all="ignore"):
+            scale_far = (far - zero) / PROBE_FAR
+        use_far = (np.abs(zero) > np.abs(scale)) & np.isfinite(scale_far)
+        scale = np.where(use_far, scale_far, scale)
+    return ChannelAffine(scale, zero)
+
+
+def magnitude_constants(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Constants under which the chain adds up the magnitudes of every term it would cancel: run on
+    0, it gives a bound on |shift| before cancellation (|beta| + |mean| * |gamma| / sqrt(var + eps),
+    not their difference). The analytic check's rounding slack is relative to that bound."""
+    result = {}
+    for node in nodes:
+        for slot, name in enumerate(node.input):
+            if name not in constants or name in result:
+                continue
+            value = np.abs(np.asarray(constants[name], dtype=np.float64))
+            # (x - mean) and (x - c) with x = 0 subtract: flip them so the terms add.
+            subtracted = (node.op_type == "BatchNormalization" and slot == 3) or (node.op_type == "Sub" and slot == 1)
+            result[name] = -value if subtracted else value
+    return result
 
 
 _EVALUATORS: dict[tuple, object] = {}

@@ -200,6 +200,13 @@ class _Folder:
         for merge in merges:
             self._merge_chain(graph, index, merge, scope, replaced, removed, maybe_dead)
         dead_names = _dead_values(index, replaced, removed, maybe_dead)
+        if dead_names and self.provenance:
+            # A tensor an earlier pass wrote and this pass folded away (a MatMul's bias Add folded
+            # forward into the next layer) is checked no more where it was written; the layer that
+            # absorbed it is checked against its values.
+            for record in self.provenance.values():
+                if record.scope == scope:
+                    record.written = [name for name in record.written if name not in dead_names]
         # Values of an enclosing scope this pass stopped reading: that scope cleans them up.
         self.orphaned.update(n for n in maybe_dead if n not in index.initializers and n not in index.producer)
         _drop_vanished_value_info(graph, index, replaced, removed)
@@ -238,6 +245,12 @@ class _Folder:
         provenance = self._provenance(index, plan, scope, origin) if self.keep_provenance else None
         nodes, tensors = build_nodes(math_layer, params, x_name, y_name, name_for, self.opset,
                                      preferred_names=list(layer.node.input))
+        if len(nodes) > 1 and not plan.between and self._value_infos is not None:
+            # The MatMul's new output has the shape of the chain's end (Add of a [C] bias keeps it):
+            # later passes need it to fold that bias Add onward.
+            infos = self._value_infos.get(scope)
+            if infos is not None and y_name in infos:
+                infos[nodes[0].output[0]] = infos[y_name]
         replaced[position] = nodes[0]
         if plan.pre_between:
             first = _copy(plan.pre_between[0])

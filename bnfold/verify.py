@@ -17,11 +17,12 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from bnfold.affine_probe import probe_affines, probe_spec
+from bnfold.affine_probe import magnitude_constants, probe_affines, probe_spec
 from bnfold.fold_math import ChannelAffine, is_bfloat16, spread_affine
 from bnfold.graph import scoped_subgraphs
 from bnfold.report import TensorCheck, Verification
@@ -132,7 +133,9 @@ def analytic_checks(folded: onnx.ModelProto, provenance: Sequence[Provenance], s
             why = f"not recomputed: {type(expected).__name__}: {str(expected).splitlines()[0] if str(expected) else ''}"
             checks.extend(TensorCheck(name, layer_name, float("inf"), False, why[:200]) for name in record.written)
             continue
-        for name, values in zip(record.written, expected):
+        for slot, (name, values) in enumerate(zip(record.written, expected.params)):
+            # Only a bias sums terms that may cancel; weights are only ever scaled.
+            floor = expected.magnitude if slot == 1 else 0.0
             written = tensors.get((record.scope, name))
             if written is None:
                 checks.append(TensorCheck(name, layer_name, float("inf"), False))
@@ -147,10 +150,10 @@ def analytic_checks(folded: onnx.ModelProto, provenance: Sequence[Provenance], s
                 # channel axis moved): it must equal each channel's expected value.
                 array = np.broadcast_to(array.reshape(-1), values.shape)
             if array.shape == values.shape and values.size <= SMALL_TENSOR:
-                small.add(len(checks), array, values)
+                small.add(len(checks), array, values, floor)
                 checks.append(TensorCheck(name, layer_name, float("nan"), False))  # filled in below
                 continue
-            error = ulp_error(array, values)
+            error = ulp_error(array, values, floor)
             checks.append(TensorCheck(name, layer_name, error, error <= 1.0))
     for position, error in small.errors():
         checks[position] = dataclasses.replace(checks[position], max_ulp_error=error, passed=error <= 1.0)
@@ -164,33 +167,36 @@ class _SmallTensorBatch:
     def __init__(self) -> None:
         self._by_dtype: dict[np.dtype, list[tuple[int, np.ndarray, np.ndarray]]] = {}
 
-    def add(self, position: int, written: np.ndarray, expected: np.ndarray) -> None:
-        self._by_dtype.setdefault(written.dtype, []).append((position, written.reshape(-1), expected.reshape(-1)))
+    def add(self, position: int, written: np.ndarray, expected: np.ndarray, floor: float = 0.0) -> None:
+        self._by_dtype.setdefault(written.dtype, []).append(
+            (position, written.reshape(-1), expected.reshape(-1), floor))
 
     def errors(self) -> Iterator[tuple[int, float]]:
         for items in self._by_dtype.values():
-            yield from ((position, 0.0) for position, _, expected in items if not expected.size)
+            yield from ((position, 0.0) for position, _, expected, _ in items if not expected.size)
             items = [item for item in items if item[2].size]
             if not items:
                 continue
-            sizes = np.array([expected.size for _, _, expected in items])
-            expected = np.concatenate([e for _, _, e in items]).astype(np.float64, copy=False)
-            written = np.concatenate([w for _, w, _ in items])
+            sizes = np.array([expected.size for _, _, expected, _ in items])
+            expected = np.concatenate([e for _, _, e, _ in items]).astype(np.float64, copy=False)
+            written = np.concatenate([w for _, w, _, _ in items])
             starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
             largest = np.maximum.reduceat(np.abs(expected), starts)  # NaN stays NaN: then no slack
-            slack = np.repeat(RECOMPUTE_SLACK * np.where(np.isfinite(largest), largest, 0.0), sizes)
+            largest = np.maximum(np.where(np.isfinite(largest), largest, 0.0), [floor for *_, floor in items])
+            slack = np.repeat(RECOMPUTE_SLACK * largest, sizes)
             worst = np.maximum.reduceat(_ulp_errors(written, expected, slack), starts)
-            for (position, _, _), error in zip(items, worst):
+            for (position, *_), error in zip(items, worst):
                 yield position, float("inf") if np.isnan(error) else float(error)
 
 
-def ulp_error(written: np.ndarray, expected: np.ndarray) -> float:
+def ulp_error(written: np.ndarray, expected: np.ndarray, floor: float = 0.0) -> float:
     """max |written - expected| in units of the written dtype's spacing at `expected`.
 
     A float64 slack proportional to the values' magnitude absorbs the recomputation's own rounding.
     Equal infinities and NaN against NaN count as exact; any other non-finite difference is inf.
     Computed in slices that stay in cache: this runs over every folded weight, and whole-array
-    float64 temporaries would cost several copies of the model in memory and time.
+    float64 temporaries would cost several copies of the model in memory and time. `floor`: a
+    magnitude the slack is at least relative to (the terms a bias was summed from).
     """
     if written.shape != expected.shape:
         return float("inf")
@@ -198,7 +204,7 @@ def ulp_error(written: np.ndarray, expected: np.ndarray) -> float:
     slices = [slice(start, start + ULP_SLICE) for start in range(0, expected.size, ULP_SLICE)]
     # NaN anywhere makes `largest` NaN, and then there is no slack (as for inf).
     largest = float(np.max([np.max(np.abs(expected[s])) for s in slices], initial=0.0))
-    slack = RECOMPUTE_SLACK * (largest if np.isfinite(largest) else 0.0)
+    slack = RECOMPUTE_SLACK * max(largest if np.isfinite(largest) else 0.0, floor)
     worst = max((float(_ulp_errors(written[s], expected[s], slack).max(initial=0.0)) for s in slices), default=0.0)
     return float("inf") if np.isnan(worst) else worst
 
@@ -227,29 +233,64 @@ def _ulp_errors(written: np.ndarray, expected: np.ndarray, slack: float | np.nda
     return error
 
 
-def _expected_parameters(provenance: Sequence[Provenance]) -> Iterator[list[np.ndarray] | Exception]:
+@dataclass
+class _Expected:
+    """A folded layer's parameters recomputed in float64, and the magnitude of the terms that went
+    into them: rounding slack is relative to that, not to the result, which cancellation can bring
+    to ~0 (a BN whose beta equals mean * gamma / sqrt(var + eps) has shift 0 up to rounding)."""
+
+    params: list[np.ndarray]
+    magnitude: float
+
+
+def _expected_parameters(provenance: Sequence[Provenance]) -> Iterator[_Expected | Exception]:
     """The float64 parameters each folded layer should hold, in `record.written` order (or why they
     could not be recomputed). A generator: the float64 weights of one layer at a time, never of the
     whole model."""
     from bnfold.graph import GraphIndex
 
-    specs = [probe_spec(segment.nodes, record.constants, segment.rank)
-             for record in provenance for segment in record.pre + record.post]
+    segments = [(record, segment) for record in provenance for segment in record.pre + record.post]
+    specs = [probe_spec(segment.nodes, record.constants, segment.rank) for record, segment in segments]
+    specs += [probe_spec(segment.nodes, magnitude_constants(segment.nodes, record.constants), segment.rank)
+              for record, segment in segments]
     try:
-        affines = iter(probe_affines(specs))  # all chains at once: tiny arrays, evaluated in stacks
+        probed = probe_affines(specs)  # all chains at once: tiny arrays, evaluated in stacks
     except Exception as error:  # noqa: BLE001 - reported per tensor as "not checked"
         yield from (error for _ in provenance)
         return
+    affines, bounds = iter(probed[:len(segments)]), iter(probed[len(segments):])
     for record in provenance:
         pre = [_spread(next(affines), segment) for segment in record.pre]
         post = [next(affines) for _ in record.post]
+        pre_bound = max([_peak(next(bounds).shift) for _ in record.pre], default=0.0)
+        post_bound = max([_peak(next(bounds).shift) for _ in record.post], default=0.0)
         try:
             layer = match_layer(record.layer_node, GraphIndex.of_constants([record.layer_node], record.layer_params, 21))
             params = fold_parameters(layer, _composed(pre), _composed(post))
         except Exception as error:  # noqa: BLE001
             yield error
             continue
-        yield [params.weight] + ([params.bias] if params.bias is not None else [])
+        yield _Expected([params.weight] + ([params.bias] if params.bias is not None else []),
+                        _magnitude(layer, pre, post, pre_bound, post_bound))
+
+
+def _magnitude(layer, pre: list[ChannelAffine], post: list[ChannelAffine], pre_bound: float, post_bound: float) -> float:
+    """A bound on the terms summed into any folded parameter: |W|·fan-in·|pre shift| for a forward
+    fold's bias, |b|·|post scale| and the post shift's own terms for a backward one."""
+    gain = max([1.0] + [abs(layer.attributes.get(k, 1.0)) for k in ("alpha", "beta")])
+    scale = max([1.0] + [_peak(a.scale) for a in pre + post])
+    fan_in = layer.weight.size // max(layer.out_channels, 1)
+    weight, bias = _peak(layer.weight), _peak(layer.bias) if layer.bias is not None else 0.0
+    total = gain * scale * (weight * fan_in * (1.0 + pre_bound) + bias) + post_bound * scale
+    return total if np.isfinite(total) else 0.0
+
+
+def _peak(values: np.ndarray) -> float:
+    if values.size == 0:
+        return 0.0
+    with np.errstate(all="ignore"):
+        peak = max(abs(float(np.nanmax(values))), abs(float(np.nanmin(values)))) if not np.isnan(values).all() else 0.0
+    return peak if np.isfinite(peak) else 0.0
 
 
 def _spread(affine: ChannelAffine, segment) -> ChannelAffine:
