@@ -279,17 +279,19 @@ def _magnitude(layer, pre: list[ChannelAffine], post: list[ChannelAffine], pre_b
     fold's bias, |b|·|post scale| and the post shift's own terms for a backward one."""
     gain = max([1.0] + [abs(layer.attributes.get(k, 1.0)) for k in ("alpha", "beta")])
     scale = max([1.0] + [_peak(a.scale) for a in pre + post])
-    fan_in = layer.weight.size // max(layer.out_channels, 1)
-    weight, bias = _peak(layer.weight), _peak(layer.bias) if layer.bias is not None else 0.0
-    total = gain * scale * (weight * fan_in * (1.0 + pre_bound) + bias) + post_bound * scale
+    bias = _peak(layer.bias) if layer.bias is not None else 0.0
+    total = gain * scale * bias + post_bound * scale
+    if pre:  # only a forward fold sums weights into the bias: only then read every weight once more
+        fan_in = layer.weight.size // max(layer.out_channels, 1)
+        total += gain * scale * _peak(layer.weight) * fan_in * (1.0 + pre_bound)
     return total if np.isfinite(total) else 0.0
 
 
 def _peak(values: np.ndarray) -> float:
+    """max |values| (0 when there are none or they are not all finite: then no slack is added)."""
     if values.size == 0:
         return 0.0
-    with np.errstate(all="ignore"):
-        peak = max(abs(float(np.nanmax(values))), abs(float(np.nanmin(values)))) if not np.isnan(values).all() else 0.0
+    peak = max(abs(float(values.max())), abs(float(values.min())))
     return peak if np.isfinite(peak) else 0.0
 
 
