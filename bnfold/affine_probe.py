@@ -11,6 +11,7 @@ each channel only ever meets its own constants — and turns thousands of evalua
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,11 +128,12 @@ def _with_channels(value: np.ndarray, position: int, channels: int) -> np.ndarra
 
 
 def _evaluate(spec: ProbeSpec) -> ChannelAffine:
-    evaluator = _EVALUATORS.get(spec.key)
-    if evaluator is None:
-        evaluator = _EVALUATORS[spec.key] = _probe_evaluator(spec)
-        if len(_EVALUATORS) > MAX_CACHED_EVALUATORS:
-            _EVALUATORS.pop(next(iter(_EVALUATORS)))
+    with _EVALUATORS_LOCK:  # folds may run in several threads of one process
+        evaluator = _EVALUATORS.get(spec.key)
+        if evaluator is None:
+            evaluator = _EVALUATORS[spec.key] = _probe_evaluator(spec)
+            if len(_EVALUATORS) > MAX_CACHED_EVALUATORS:
+                _EVALUATORS.pop(next(iter(_EVALUATORS)))
     shape = spec.shape
     zero = evaluator.run(None, {"x": np.zeros(shape), **spec.feeds})[0].reshape(-1)
     one = evaluator.run(None, {"x": np.ones(shape), **spec.feeds})[0].reshape(-1)
@@ -164,6 +166,7 @@ def magnitude_constants(nodes: list[onnx.NodeProto], constants: dict[str, np.nda
 
 
 _EVALUATORS: dict[tuple, object] = {}
+_EVALUATORS_LOCK = threading.Lock()
 
 
 def _probe_evaluator(spec: ProbeSpec):

@@ -249,3 +249,26 @@ def test_an_analytic_check_that_cannot_run_fails_its_tensors_with_the_reason(mon
     onnx.save(model, path)
     cli = invoke([path, "-o", tmp_path / "out.onnx"])
     assert cli.exit_code == 1 and not (tmp_path / "out.onnx").exists()
+
+
+def test_folds_in_several_threads_share_the_evaluator_cache_safely() -> None:
+    """A pipeline may fold models in threads: the probe cache is shared and locked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from builders import GraphBuilder
+
+    import bnfold
+
+    def build(seed: int) -> onnx.ModelProto:
+        g = GraphBuilder(rng=np.random.default_rng(seed))
+        y = g.input("x", [1, 3, 6, 6])
+        for _ in range(4):
+            y = g.relu(g.bn(g.conv(y, 3, 3, pads=[1, 1, 1, 1]), 3, epsilon=1e-3 * (1 + seed % 3)))
+        return g.model([y])
+
+    models = [build(seed) for seed in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(bnfold.fold, models))
+    for result in results:
+        assert result.report.passed and len(result.report.folded) == 4
+        assert max(t.max_ulp_error for t in result.report.verification.tensors) <= 0.5
