@@ -28,10 +28,15 @@ def _opset6_model() -> onnx.ModelProto:
     flat = g.node("Flatten", [bn1])
     gemm = g.gemm(flat, 4 * 8 * 8, 5, trans_b=1, broadcast=1)
     out = g.node("BatchNormalization", [gemm, *g.bn_params(5)], "bn", epsilon=1e-5, is_test=1)
+    return _ir3_model(g, out, [2, 5])
+
+
+def _ir3_model(g: GraphBuilder, output: str, shape: list[int]) -> onnx.ModelProto:
+    """An IR-3 model of `g`'s nodes, every initializer also listed as a graph input."""
     inputs = g.inputs + [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in g.initializers]
-    graph = helper.make_graph(g.nodes, "old", inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, [2, 5])],
+    graph = helper.make_graph(g.nodes, "old", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, shape)],
                               g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", g.opset)])
     model.ir_version = 3
     onnx.checker.check_model(model)
     return model
@@ -120,13 +125,7 @@ def _opset6_gemm_then_legacy_mul(axis: int | None) -> onnx.ModelProto:
     gemm = g.gemm(x, 6, 4, broadcast=1)
     attrs = {"broadcast": 1} if axis is None else {"broadcast": 1, "axis": axis}
     y = g.node("Mul", [gemm, g.const(np.array([0.5, 2.0, -1.0, 3.0]))], **attrs)
-    inputs = g.inputs + [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in g.initializers]
-    graph = helper.make_graph(g.nodes, "old", inputs, [helper.make_tensor_value_info(y, TensorProto.FLOAT, [4, 4])],
-                              g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)])
-    model.ir_version = 3
-    onnx.checker.check_model(model)
-    return model
+    return _ir3_model(g, y, [4, 4])
 
 
 def test_legacy_broadcast_axis_0_is_per_row_and_is_not_folded():

@@ -208,13 +208,19 @@ def forward_targets(chain: list[AffineOp], index: GraphIndex, by_layer: dict[str
             return None
         if forward_refusal(layer, chain_axis(chain), chain_channels(chain), shift_free) is not None:
             return None
-        planned = by_layer.get(layer.output)
-        if planned is not None and planned.pre:
-            return None
-        if overflow_refusal(layer, affine, planned.post_affine if planned else None) is not None:
+        if not _can_take_pre(layer, affine, by_layer):
             return None
         layers.append(layer)
     return layers
+
+
+def _can_take_pre(layer: Layer, affine: ChannelAffine, by_layer: dict[str, LayerPlan]) -> bool:
+    """May `affine` fold forward into `layer`, given what this pass already plans for it: one pre
+    chain per layer and pass, and no overflow of the layer's dtype together with its post chain."""
+    planned = by_layer.get(layer.output)
+    if planned is not None and planned.pre:
+        return False
+    return overflow_refusal(layer, affine, planned.post_affine if planned else None) is None
 
 
 def forward_layout_target(chain: list[AffineOp], index: GraphIndex, by_layer: dict[str, LayerPlan]
@@ -238,10 +244,7 @@ def forward_layout_target(chain: list[AffineOp], index: GraphIndex, by_layer: di
         affine = spread_affine(affine.expanded(channels), spread.inner, spread.length)
     if forward_refusal(layer, None if spread is None else spread.axis, affine.channels, not affine.shift.any()):
         return None
-    planned = by_layer.get(layer.output)
-    if planned is not None and planned.pre:
-        return None
-    if overflow_refusal(layer, affine, planned.post_affine if planned else None) is not None:
+    if not _can_take_pre(layer, affine, by_layer):
         return None
     return layer, between, spread
 
