@@ -130,6 +130,7 @@ class _Folder:
         # Only kept with verification (they hold the original weights of folded layers).
         self.origins: dict[tuple[str, str], _Origin] = {}
         self.provenance: dict[tuple[str, str], Provenance] = {}
+        self.written_by: dict[str, tuple[str, str]] = {}  # tensor name -> key of the record that wrote it
         self.outcome = FoldOutcome()
 
     @property
@@ -200,13 +201,13 @@ class _Folder:
         for merge in merges:
             self._merge_chain(graph, index, merge, scope, replaced, removed, maybe_dead)
         dead_names = _dead_values(index, replaced, removed, maybe_dead)
-        if dead_names and self.provenance:
+        for name in dead_names & self.written_by.keys():
             # A tensor an earlier pass wrote and this pass folded away (a MatMul's bias Add folded
             # forward into the next layer) is checked no more where it was written; the layer that
             # absorbed it is checked against its values.
-            for record in self.provenance.values():
-                if record.scope == scope:
-                    record.written = [name for name in record.written if name not in dead_names]
+            record = self.provenance.get(self.written_by.pop(name))
+            if record is not None and record.scope == scope:
+                record.written = [n for n in record.written if n != name]
         # Values of an enclosing scope this pass stopped reading: that scope cleans them up.
         self.orphaned.update(n for n in maybe_dead if n not in index.initializers and n not in index.producer)
         _drop_vanished_value_info(graph, index, replaced, removed)
@@ -277,6 +278,7 @@ class _Folder:
             provenance.written = [n for n in nodes[0].input[1:]] + [n for n in nodes[1:2] for n in n.input[1:]]
             provenance.output = y_name
             self.provenance[(scope, y_name)] = provenance
+            self.written_by.update((name, (scope, y_name)) for name in provenance.written)
             self.origins[(scope, y_name)] = _Origin(replace(math_layer, node=_copy(math_layer.node)), pre, post)
 
     @staticmethod

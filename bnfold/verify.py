@@ -27,7 +27,7 @@ from bnfold.fold_math import ChannelAffine, is_bfloat16, spread_affine
 from bnfold.graph import scoped_subgraphs
 from bnfold.report import TensorCheck, Verification
 from bnfold.rewrite import Provenance
-from bnfold.rules.layers import fold_parameters, match_layer
+from bnfold.rules.layers import fold_parameters, match_layer, peak_abs
 from bnfold.runtime import RunConfig, compare_outputs
 from bnfold.tensors import TensorStore
 
@@ -288,10 +288,8 @@ def _magnitude(layer, pre: list[ChannelAffine], post: list[ChannelAffine], pre_b
 
 
 def _peak(values: np.ndarray) -> float:
-    """max |values| (0 when there are none or they are not all finite: then no slack is added)."""
-    if values.size == 0:
-        return 0.0
-    peak = max(abs(float(values.max())), abs(float(values.min())))
+    """max |values|, 0 when not all finite (then no slack is added)."""
+    peak = peak_abs(values)
     return peak if np.isfinite(peak) else 0.0
 
 

@@ -234,16 +234,16 @@ def overflow_refusal(layer: Layer, pre: ChannelAffine | None, post: ChannelAffin
     gamma/sqrt(var + eps) would become inf and silently change the outputs. A cheap magnitude bound
     clears almost every layer; only near the limit are the parameters computed and checked."""
     limit = _largest_finite(layer.weight.dtype)
-    peaks = [_peak(layer.weight)] + ([_peak(layer.bias)] if layer.bias is not None else [])
+    peaks = [peak_abs(layer.weight)] + ([peak_abs(layer.bias)] if layer.bias is not None else [])
     if limit is None or not all(np.isfinite(peaks)):
         return None  # non-finite parameters stay what they are: nothing new can overflow
     fan_in = layer.weight.size // max(layer.out_channels, 1)
     gain = 1.0 + max(abs(layer.attributes.get("alpha", 1.0)), abs(layer.attributes.get("beta", 1.0)))
     if pre is not None:
-        gain *= (1.0 + fan_in) * max(1.0, _peak(pre.scale), _peak(pre.shift))
+        gain *= (1.0 + fan_in) * max(1.0, peak_abs(pre.scale), peak_abs(pre.shift))
     if post is not None:
-        gain *= max(1.0, _peak(post.scale))
-    bound = sum(peaks) * gain + (_peak(post.shift) if post is not None else 0.0)
+        gain *= max(1.0, peak_abs(post.scale))
+    bound = sum(peaks) * gain + (peak_abs(post.shift) if post is not None else 0.0)
     if np.isfinite(bound) and bound < limit / 2:
         return None
     params = fold_parameters(layer, pre, post)
@@ -253,7 +253,7 @@ def overflow_refusal(layer: Layer, pre: ChannelAffine | None, post: ChannelAffin
     return None
 
 
-def _peak(values: np.ndarray) -> float:
+def peak_abs(values: np.ndarray) -> float:
     """max |values| without a temporary copy (weights can be hundreds of MB, or memory-mapped)."""
     if values.size == 0:
         return 0.0
