@@ -11,7 +11,8 @@ weights_backbone=None``). Set-up used for the recorded run (x86_64, Python 3.11)
 
 Per model: seeded random weights, every BatchNorm's statistics and affine parameters randomised
 (running_mean ~ N(0, 0.5), running_var ~ U(0.25, 1.75), weight ~ U(0.5, 1.5), bias ~ N(0, 0.2);
-N(m, s) = mean m, standard deviation s), ``eval()``. The re-parameterized variants are made from a
+N(m, s) = mean m, standard deviation s), layer scales ~ U(0.5, 1.5) (timm's 1e-5 would hide
+FastViT's scaled branches from the output), ``eval()``. The re-parameterized variants are made from a
 copy of the SAME randomised model, so both forms compute the same function. Legacy exports use the
 TorchScript exporter with ``training=PRESERVE`` and ``do_constant_folding=False`` so that every BN
 node is kept; ``dynamo`` exports use ``dynamo=True, optimize=False``. Writes MODELS.md next to the
@@ -30,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import timm
 import torch
 import torch.nn as nn
@@ -105,6 +108,19 @@ def randomize_bn(model: nn.Module, seed: int) -> int:
     return count
 
 
+def randomize_layer_scales(model: nn.Module, seed: int) -> int:
+    """timm initialises layer scales (FastViT's LayerScale2d) to 1e-5, which hides every scaled
+    branch from the output, so a wrong fold there could not be seen: draw them ~ U(0.5, 1.5)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.startswith("LayerScale") and hasattr(module, "gamma"):
+                module.gamma.copy_(torch.empty_like(module.gamma).uniform_(0.5, 1.5, generator=gen))
+                count += 1
+    return count
+
+
 def example_args(spec: Spec) -> tuple:
     gen = torch.Generator().manual_seed(SEED)
     x = torch.rand(spec.shape, generator=gen)
@@ -143,10 +159,33 @@ def training_mode_bns(path: Path) -> int:
                and any(a.name == "training_mode" and a.i == 1 for a in n.attribute))
 
 
+def run_ort(path: Path, spec: Spec) -> list[np.ndarray]:
+    """The model's outputs in onnxruntime (optimizations off) on the seeded example input."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    x = example_args(spec)[0]
+    x = x[0] if spec.detection else x
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})
+
+
+def describe_outputs(path: Path, spec: Spec, out: Path) -> dict:
+    """Peak |output| (random BN statistics do not normalise, so deep nets can grow large values),
+    and for a re-parameterized export its max rel difference from the training-form export."""
+    outputs = run_ort(path, spec)
+    info = {"peak": max(float(np.abs(o).max()) for o in outputs if o.size)}
+    base = out / f"{spec.name.removesuffix('_reparam')}.onnx"
+    if spec.reparam and base.exists():
+        ref = run_ort(base, spec)[0].astype(np.float64)
+        info["rel_vs_training_form"] = float(np.abs(ref - outputs[0]).max() / np.abs(ref).max())
+    return info
+
+
 def build(spec: Spec) -> tuple[nn.Module, int]:
     torch.manual_seed(SEED)
     model = spec.build().eval()
     n_bn = randomize_bn(model, SEED)
+    randomize_layer_scales(model, SEED)
     if spec.reparam:
         model = reparameterize_model(copy.deepcopy(model)).eval()
     return model, n_bn
@@ -177,6 +216,7 @@ def export_one(spec: Spec, out: Path) -> dict:
                    bn=counts["BatchNormalization"], conv=counts["Conv"],
                    training_bn=training_mode_bns(path), nodes=sum(counts.values()),
                    mib=round(sum(f.stat().st_size for f in (path, data) if f.exists()) / 2**20, 1))
+        row.update(describe_outputs(path, spec, out))
         break
     row["errors"] = errors
     row["settings"] = settings_text(spec, row.get("opset"), row.get("external_data", ""))
@@ -199,20 +239,29 @@ def write_table(rows: list[dict], out: Path) -> None:
         f"Written by `benchmarks/real_models/export_beyond.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
         f"onnx {onnx.__version__}. Seed {SEED}; BN running_mean ~ N(0, 0.5), running_var ~ "
-        "U(0.25, 1.75), weight ~ U(0.5, 1.5), bias ~ N(0, 0.2); eval mode.", "",
+        "U(0.25, 1.75), weight ~ U(0.5, 1.5), bias ~ N(0, 0.2); layer scales (FastViT) ~ U(0.5, 1.5) "
+        "instead of timm's 1e-5; eval mode.", "",
+        "'peak |out|' is the largest output magnitude on the seeded input in onnxruntime: BN "
+        "statistics that do not match the activations do not normalise them, so deep residual "
+        "nets with random weights grow large outputs (judge errors relative to it). 'rel vs "
+        "training form': max|a−b| / max|a| between a re-parameterized export and its training "
+        "form on that input.", "",
         "'BN (training)' counts BatchNormalization nodes with training_mode=1 (NF-Net weight "
         "standardisation); 'BN modules' counts nn.BatchNorm modules in the PyTorch model.", "",
-        "| file | input | BN nodes | BN (training) | Conv | nodes | BN modules | MiB | export settings | problems |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| file | input | BN nodes | BN (training) | Conv | nodes | BN modules | MiB | peak \\|out\\| "
+        "| rel vs training form | export settings | problems |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         problems = "; ".join(r["errors"]) or "none"
+        compared = f"{r['rel_vs_training_form']:.1e}" if "rel_vs_training_form" in r else "–"
         if "bn" not in r:
             lines.append(f"| {Path(r['file']).name} | {r['shape']} | – | – | – | – | {r['bn_modules']} "
-                         f"| – | export FAILED | {problems} |")
+                         f"| – | – | – | export FAILED | {problems} |")
             continue
         lines.append(f"| {Path(r['file']).name} | {r['shape']} | {r['bn']} | {r['training_bn']} | "
-                     f"{r['conv']} | {r['nodes']} | {r['bn_modules']} | {r['mib']} | {r['settings']} | {problems} |")
+                     f"{r['conv']} | {r['nodes']} | {r['bn_modules']} | {r['mib']} | {r['peak']:.2g} | "
+                     f"{compared:} | {r['settings']} | {problems} |")
     (out / "MODELS.md").write_text("\n".join(lines) + "\n")
 
 
