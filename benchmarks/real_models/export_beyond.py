@@ -27,18 +27,18 @@ import json
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import timm
 import torch
-import torch.nn as nn
 import torchvision
 from timm.utils.model import reparameterize_model
+from torch import nn
 
 SEED = 0
 OPSET = 17
@@ -63,9 +63,9 @@ def timm_model(name: str, **kwargs: object) -> Callable[[], nn.Module]:
 
 def specs() -> list[Spec]:
     det = torchvision.models.detection
-    ssd = lambda: det.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)  # noqa: E731
+    ssd = lambda: det.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
     # min_size/max_size 320: the default transform would resize every image to 800 px.
-    retina = lambda: det.retinanet_resnet50_fpn(  # noqa: E731
+    retina = lambda: det.retinanet_resnet50_fpn(
         weights=None, weights_backbone=None, min_size=320, max_size=320)
     small, native = (1, 3, 96, 96), (1, 3, 224, 224)
     return [
@@ -206,7 +206,7 @@ def export_one(spec: Spec, out: Path) -> dict:
             with torch.no_grad():
                 (export_legacy if spec.exporter == "legacy" else export_dynamo)(model, args, path, opset)
             onnx.checker.check_model(str(path), full_check=True)
-        except Exception as exc:  # an exporter failure is recorded, then the next opset is tried
+        except Exception as exc:  # noqa: BLE001 -- any exporter failure is recorded, then the next opset tried
             errors.append(f"opset {opset}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             traceback.print_exc()
             continue
@@ -236,20 +236,20 @@ def settings_text(spec: Spec, opset: int | None, external_data: str) -> str:
 def write_table(rows: list[dict], out: Path) -> None:
     lines = [
         "# Development-only real-model exports (random weights, randomised BN)", "",
-        f"Written by `benchmarks/real_models/export_beyond.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        (f"Written by `benchmarks/real_models/export_beyond.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
         f"onnx {onnx.__version__}. Seed {SEED}; BN running_mean ~ N(0, 0.5), running_var ~ "
         "U(0.25, 1.75), weight ~ U(0.5, 1.5), bias ~ N(0, 0.2); layer scales (FastViT) ~ U(0.5, 1.5) "
-        "instead of timm's 1e-5; eval mode.", "",
-        "'peak |out|' is the largest output magnitude on the seeded input in onnxruntime: BN "
+        "instead of timm's 1e-5; eval mode."), "",
+        ("'peak |out|' is the largest output magnitude on the seeded input in onnxruntime: BN "
         "statistics that do not match the activations do not normalise them, so deep residual "
         "nets with random weights grow large outputs (judge errors relative to it). 'rel vs "
         "training form': max|a−b| / max|a| between a re-parameterized export and its training "
-        "form on that input.", "",
-        "'BN (training)' counts BatchNormalization nodes with training_mode=1 (NF-Net weight "
-        "standardisation); 'BN modules' counts nn.BatchNorm modules in the PyTorch model.", "",
-        "| file | input | BN nodes | BN (training) | Conv | nodes | BN modules | MiB | peak \\|out\\| "
-        "| rel vs training form | export settings | problems |",
+        "form on that input."), "",
+        ("'BN (training)' counts BatchNormalization nodes with training_mode=1 (NF-Net weight "
+        "standardisation); 'BN modules' counts nn.BatchNorm modules in the PyTorch model."), "",
+        ("| file | input | BN nodes | BN (training) | Conv | nodes | BN modules | MiB | peak \\|out\\| "
+        "| rel vs training form | export settings | problems |"),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:

@@ -128,7 +128,7 @@ def op_counts(path: Path) -> Counter:
 
 def tool_installed(module: str) -> bool:
     code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
-    return subprocess.run([sys.executable, "-c", code]).returncode == 0
+    return subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def run(argv: list[str], timeout: float) -> tuple[subprocess.CompletedProcess | None, str, float]:
@@ -138,7 +138,7 @@ def run(argv: list[str], timeout: float) -> tuple[subprocess.CompletedProcess | 
     that checkout's bnfold instead of the one installed for --bnfold-python."""
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=NEUTRAL_DIR)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=NEUTRAL_DIR, check=False)
     except subprocess.TimeoutExpired:
         return None, f"timeout after {timeout:g} s", time.perf_counter() - t0
     seconds = time.perf_counter() - t0
@@ -161,10 +161,10 @@ def bnfold_notes(stdout: str) -> tuple[str, str]:
     verification = report.get("verification") or {}
     verdict = "PASSED" if verification.get("passed") else verification.get("runtime_status", "not verified")
     reasons = Counter(s["reason"] for s in report.get("skipped", []))
-    notes = ", ".join(f"{n}× {r}" for r, n in reasons.most_common())
-    if report.get("error"):
-        notes = f"{report['error'][:160]}; {notes}"
-    return f"exit {report.get('exit_code')}, {verdict}", notes
+    parts = [report["error"][:160]] if report.get("error") else []
+    parts.append(f"{len(report.get('folded', []))} folded")
+    parts += [f"{n}× {r}" for r, n in reasons.most_common()]
+    return f"exit {report.get('exit_code')}, {verdict}", ", ".join(parts)
 
 
 def run_tool(model: Path, tool: str, out: Path, bnfold_python: str, timeout: float) -> Row:
@@ -221,36 +221,36 @@ def bnfold_version(python: str) -> str:
         return "unknown (bnfold does not import)"
     root = proc.stdout.strip()
     git = ["git", "-C", root]
-    commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(git + ["status", "--porcelain", "bnfold"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "bnfold"], capture_output=True, text=True, check=False).stdout.strip()
     return f"{root} at {commit or '?'} ({'bnfold/ modified' if dirty else 'bnfold/ clean'})"
 
 
 def versions() -> str:
     code = ("import importlib.metadata as m\nfor p in ('onnx','onnxruntime','numpy','onnxsim','onnxslim',"
             "'onnxoptimizer'):\n    try: print(p, m.version(p))\n    except Exception: print(p, 'not installed')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     return ", ".join(proc.stdout.split("\n")[:-1])
 
 
 def write_markdown(rows: list[Row], path: Path, bnfold_python: str, folder: Path) -> None:
     lines = [
         "# bnfold and other tools on the issue-13 / issue-11 (C4) real models", "",
-        f"Written by `benchmarks/real_models/measure_beyond.py` on "
+        (f"Written by `benchmarks/real_models/measure_beyond.py` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the models in `{folder}` "
-        "(made by `export_beyond.py`; their list with export settings is `BEYOND_MODELS.md`).", "",
+        "(made by `export_beyond.py`; their list with export settings is `BEYOND_MODELS.md`)."), "",
         f"- bnfold: `{bnfold_python} -m bnfold MODEL -o OUT --json`, checkout {bnfold_version(bnfold_python)}",
         f"- tools: {versions()}",
-        "- onnxruntime EXTENDED: offline optimizer (`optimized_model_filepath`); onnxsim: "
+        ("- onnxruntime EXTENDED: offline optimizer (`optimized_model_filepath`); onnxsim: "
         "`simplify`; onnxslim: `slim`; onnxoptimizer: its fuse-and-elimination passes "
-        "(incl. `fuse_bn_into_conv`). Each runs in a child process with a timeout.",
-        f"- differences: each output of the tool's model against the original, both in onnxruntime "
+        "(incl. `fuse_bn_into_conv`). Each runs in a child process with a timeout."),
+        (f"- differences: each output of the tool's model against the original, both in onnxruntime "
         f"with graph optimizations OFF, input uniform(-1, 1) from numpy default_rng({SEED}), symbolic "
         "dims set to 1; rel = max|a−b| / max|reference| of the worst output (named when several). "
         "Post-NMS detection outputs are not continuous in their inputs: a tiny change may reorder "
-        "or drop boxes, so a large or shape difference there is not by itself a wrong fold.",
-        "- Conv after counts Conv and onnxruntime's FusedConv nodes; checker = "
-        "`onnx.checker.check_model(path, full_check=True)` on the written model.", "",
+        "or drop boxes, so a large or shape difference there is not by itself a wrong fold."),
+        ("- Conv after counts Conv and onnxruntime's FusedConv nodes; checker = "
+        "`onnx.checker.check_model(path, full_check=True)` on the written model."), "",
         "| model | tool | status | BN before → after | Conv after | checker | max abs | max rel | notes | s |",
         "|---|---|---|---|---:|---|---:|---|---|---:|",
     ]
