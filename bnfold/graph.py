@@ -60,6 +60,12 @@ def value_infos_of(graph: onnx.GraphProto) -> dict[str, ValueInfo]:
     return infos
 
 
+def _declared_inputs(graph: onnx.GraphProto) -> dict[str, ValueInfo]:
+    """`value_infos_of` restricted to the graph's inputs and initializers."""
+    known = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer}
+    return {name: info for name, info in value_infos_of(graph).items() if name in known}
+
+
 # Default-domain ops with graph attributes; nodes of other domains are always inspected.
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
@@ -169,7 +175,9 @@ class GraphIndex:
         self.graph_inputs = graph_inputs - (self.initializers.keys() - self.overridable)
         # Shape inference is only needed by some rules (MatMul ranks, Mul/Add broadcasting), so it
         # may be passed as a callable and is then run on first use only.
-        self._value_infos = value_infos if value_infos is not None else (lambda: value_infos_of(graph))
+        # Without inferred shapes, only what the graph declares for its inputs and constants counts:
+        # value_info on intermediate values is a claim, not evidence (see `bnfold.shapes`).
+        self._value_infos = value_infos if value_infos is not None else (lambda: _declared_inputs(graph))
         self._constants: dict[str, np.ndarray | None] = {}
 
     @classmethod
