@@ -65,6 +65,15 @@ class SkippedRecord:
 
 
 @dataclass(frozen=True)
+class Repair:
+    """Something in the input that breaks the ONNX spec but that onnxruntime accepts: bnfold accepted
+    it and repaired it in its output. `code` is stable (see `bnfold.conformance`)."""
+
+    code: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class TensorCheck:
     """Analytic check of one written weight/bias against its float64 recomputation."""
 
@@ -150,6 +159,7 @@ class Report:
     ops_after: dict[str, int] = field(default_factory=dict)
     verification: Verification | None = None
     passes: int = 0
+    repairs: list[Repair] = field(default_factory=list)  # spec deviations of the input, repaired in the output
 
     @property
     def passed(self) -> bool:

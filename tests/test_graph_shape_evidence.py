@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 import bnfold
 from bnfold.report import Reason
-from tests.builders import GraphBuilder, op_types, run
+from builders import GraphBuilder, op_types, run
 
 FLOAT = TensorProto.FLOAT
 
