@@ -133,7 +133,7 @@ class Verification:
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Op type histogram of the main graph and every subgraph."""
+    """Op type histogram of the main graph, every subgraph and every model-local function body."""
     counts: Counter[str] = Counter()
 
     def visit(graph: onnx.GraphProto) -> None:
@@ -144,6 +144,8 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
                     visit(body)
 
     visit(model.graph)
+    for function in model.functions:
+        visit(function)  # a FunctionProto has `node` like a graph
     return dict(sorted(counts.items()))
 
 
