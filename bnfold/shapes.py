@@ -64,7 +64,7 @@ def infer_value_infos(model: onnx.ModelProto) -> dict[str, dict[str, ValueInfo]]
     without it; what inference cannot derive stays unknown (or symbolic) and the rules refuse what
     needs it. Data propagation lets Reshape targets computed from Shape nodes count as proven.
     """
-    evidence = _without_declared_shapes(weight_free(model))
+    evidence = _without_declared_shapes(weight_free(model), model)
     try:
         inferred = onnx.shape_inference.infer_shapes(evidence, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - any inference failure just means "less is known"
@@ -80,11 +80,14 @@ def infer_value_infos(model: onnx.ModelProto) -> dict[str, dict[str, ValueInfo]]
     return scopes
 
 
-def _without_declared_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` keeping only the shapes its graph inputs declare: no value_info, no shapes
-    on graph outputs or on subgraph inputs (element types stay; inference needs them)."""
-    copy = copy_without(model, "graph")
-    copy.graph.CopyFrom(copy_without(model.graph, "value_info"))
+def _without_declared_shapes(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` keeping only the shapes its graph inputs declare: no value_info, no shapes on graph
+    outputs or on subgraph inputs (element types stay; inference needs them). Edited in place when
+    it is already a copy (a skeleton), else copied: `original` is never touched."""
+    copy = model
+    if model is original:
+        copy = copy_without(model, "graph")
+        copy.graph.CopyFrom(copy_without(model.graph, "value_info"))
     _forget_shapes(copy.graph, keep_input_shapes=True)
     for function in copy.functions:
         del function.value_info[:]

@@ -172,3 +172,19 @@ def test_same_padding_with_unit_kernel_needs_no_shapes(symbolic: bool) -> None:
     y = g.conv(g.bn(x, 3), 3, 4, kernel=1, auto_pad="SAME_UPPER")
     result = bnfold.fold(g.model([y]), input_shapes={"x": [1, 3, 5, 7]} if symbolic else None)
     assert op_types(result.model) == ["Conv"]
+
+
+@pytest.mark.parametrize("skeleton", [False, True])
+def test_inference_on_evidence_never_strips_the_model_being_folded(skeleton: bool, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    # Shape inference runs on a copy without value_info (a skeleton copy for large models): the
+    # folded model keeps the value_info of values that still exist.
+    from bnfold import shapes
+
+    if skeleton:
+        monkeypatch.setattr(shapes, "SKELETON_ABOVE_BYTES", 0)
+    model, bn = _bn_with_shift_before_same_conv([1, 3, 5, 5])
+    declared = {v.name for v in model.graph.value_info}
+    result = bnfold.fold(model)  # SAME padding: shape inference runs
+    assert [s.reason for s in result.report.skipped] == [Reason.PADDED_CONSUMER]
+    assert {v.name for v in result.model.graph.value_info} == declared
