@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from bnfold import conformance
 from bnfold.errors import BadInputError, VerificationError
 from bnfold.model_io import check_structure, check_supported, load_model, save_model_atomic
 from bnfold.report import Reason, Report, Verification, op_counts
@@ -98,6 +99,7 @@ def fold(
                        save_inputs, save_outputs) if verify else None  # checks the options before any work
     working, original, path, protected, store = _open(model)
     report = Report(input_path=None if path is None else str(path), ops_before=op_counts(working))
+    report.repairs = conformance.repair(working)  # before folding: new initializers are listed the same way
     outcome = fold_model(working, keep_provenance=verify, store=store)
     report.folded, report.skipped, report.passes = outcome.folded, outcome.skipped, outcome.passes
     report.ops_after = op_counts(working)

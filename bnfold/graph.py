@@ -7,7 +7,7 @@ no rule ever scans the graph (that is what makes other tools quadratic on 10,000
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,12 @@ def value_infos_of(graph: onnx.GraphProto) -> dict[str, ValueInfo]:
     return infos
 
 
+def _declared_inputs(graph: onnx.GraphProto) -> dict[str, ValueInfo]:
+    """`value_infos_of` restricted to the graph's inputs and initializers."""
+    known = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer}
+    return {name: info for name, info in value_infos_of(graph).items() if name in known}
+
+
 # Default-domain ops with graph attributes; nodes of other domains are always inspected.
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
@@ -101,6 +107,38 @@ def scoped_subgraphs(graph: onnx.GraphProto, scope: str) -> Iterator[tuple[str, 
                     yield f"{scope}/{owner}.{attr.name}[{position}]", body
 
 
+FUNCTION_SCOPE_PREFIX = "function:"
+
+
+def function_scope(function: onnx.FunctionProto) -> str:
+    """The scope path of a model-local function body, e.g. `function:custom:Block` (its identity
+    is domain, name and, from IR 10, overload)."""
+    overload = f":{function.overload}" if function.overload else ""
+    return f"{FUNCTION_SCOPE_PREFIX}{function.domain}:{function.name}{overload}"
+
+
+def function_graph(function: onnx.FunctionProto) -> onnx.GraphProto:
+    """A function body as a graph: its nodes (copies), its formal inputs as graph inputs and its
+    outputs as graph outputs (untyped: a function's types are those of each call)."""
+    return onnx.helper.make_graph(
+        function.node, function.name,
+        [onnx.ValueInfoProto(name=name) for name in function.input],
+        [onnx.ValueInfoProto(name=name) for name in function.output],
+    )
+
+
+def references_attributes(nodes: Iterable[onnx.NodeProto]) -> bool:
+    """Does any node (or subgraph node) take an attribute from its function's caller (`ref_attr_name`)?
+    Such an attribute has no value in the body: it is whatever each call passes."""
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.ref_attr_name:
+                return True
+        if any(references_attributes(body.node) for body in subgraphs_of(node)):
+            return True
+    return False
+
+
 def names_used_inside(graph: onnx.GraphProto) -> set[str]:
     """Every value name referenced by a node of `graph` or of its nested subgraphs.
 
@@ -136,8 +174,10 @@ class GraphIndex:
         outer: GraphIndex | None = None,
         is_main_graph: bool = True,
         store: TensorStore | None = None,
+        input_kind: str = "graph input",
     ) -> None:
         self.graph = graph
+        self.input_kind = input_kind  # what the graph's inputs are, for refusal messages
         self.store = store
         self.ir_version = ir_version
         self.opset = opset
@@ -169,7 +209,9 @@ class GraphIndex:
         self.graph_inputs = graph_inputs - (self.initializers.keys() - self.overridable)
         # Shape inference is only needed by some rules (MatMul ranks, Mul/Add broadcasting), so it
         # may be passed as a callable and is then run on first use only.
-        self._value_infos = value_infos if value_infos is not None else (lambda: value_infos_of(graph))
+        # Without inferred shapes, only what the graph declares for its inputs and constants counts:
+        # value_info on intermediate values is a claim, not evidence (see `bnfold.shapes`).
+        self._value_infos = value_infos if value_infos is not None else (lambda: _declared_inputs(graph))
         self._constants: dict[str, np.ndarray | None] = {}
 
     @classmethod
@@ -250,7 +292,7 @@ class GraphIndex:
         if name in self.overridable:
             return "is an initializer that is also a graph input (callers may override it)"
         if name in self.graph_inputs:
-            return "is a graph input"
+            return f"is a {self.input_kind}"
         node = self.producer_of(name)
         if node is None:
             return "is not a constant" if self.outer is None else self.outer.why_not_constant(name)

@@ -93,6 +93,7 @@ def check_structure(model: onnx.ModelProto, label: str) -> list[onnx.TensorProto
     full copy of them (seconds and gigabytes on large models) to learn nothing about the graph.
     Returns every tensor of the model (initializers and attribute tensors of all scopes), which the
     name check walks past anyway."""
+    from bnfold.conformance import list_initializers_as_inputs, unlisted_initializers
     from bnfold.shapes import weight_free
 
     tensors: list[onnx.TensorProto] = []
@@ -105,11 +106,24 @@ def check_structure(model: onnx.ModelProto, label: str) -> list[onnx.TensorProto
         if tensor.data_type not in _KNOWN_TYPES:
             raise BadInputError(f"{label}: invalid model: initializer '{tensor.name}' has unknown "
                                 f"data type {tensor.data_type}")
+    checked = weight_free(model, empty_stubs=True)
+    unlisted = unlisted_initializers(checked)
+    if unlisted:
+        # Accepted as onnxruntime accepts it (bnfold.conformance): the rest of the model is checked
+        # as the repaired output will be, with the listings added, on a copy.
+        checked = _copy_model(checked) if checked is model else checked
+        list_initializers_as_inputs(checked, unlisted_initializers(checked))
     try:
-        onnx.checker.check_model(weight_free(model, empty_stubs=True))
+        onnx.checker.check_model(checked)
     except (onnx.checker.ValidationError, ValueError) as error:
         raise BadInputError(f"{label}: invalid model: {_first_line(error)}") from None
     return tensors
+
+
+def _copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _scan_graph(graph: onnx.GraphProto, tensors: list[onnx.TensorProto]) -> bytes | None:

@@ -67,6 +67,7 @@ def to_text(report: Report, quiet: bool = False, verbose: bool = False) -> str:
             lines.append(f"  folded  {record.op_type} '{record.node}' {record.direction} into {', '.join(record.into)}")
     for record in report.skipped:
         lines.append(f"  skipped {record.op_type} '{record.node}': {record.reason.value} ({record.detail})")
+    lines += [f"  repaired {repair.code}: {repair.detail}" for repair in report.repairs]
     lines += _verification_lines(report)
     if report.output_path:
         lines.append(f"wrote {report.output_path}")

@@ -65,6 +65,15 @@ class SkippedRecord:
 
 
 @dataclass(frozen=True)
+class Repair:
+    """Something in the input that breaks the ONNX spec but that onnxruntime accepts: bnfold accepted
+    it and repaired it in its output. `code` is stable (see `bnfold.conformance`)."""
+
+    code: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class TensorCheck:
     """Analytic check of one written weight/bias against its float64 recomputation."""
 
@@ -124,7 +133,7 @@ class Verification:
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Op type histogram of the main graph and every subgraph."""
+    """Op type histogram of the main graph, every subgraph and every model-local function body."""
     counts: Counter[str] = Counter()
 
     def visit(graph: onnx.GraphProto) -> None:
@@ -135,6 +144,8 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
                     visit(body)
 
     visit(model.graph)
+    for function in model.functions:
+        visit(function)  # a FunctionProto has `node` like a graph
     return dict(sorted(counts.items()))
 
 
@@ -150,6 +161,7 @@ class Report:
     ops_after: dict[str, int] = field(default_factory=dict)
     verification: Verification | None = None
     passes: int = 0
+    repairs: list[Repair] = field(default_factory=list)  # spec deviations of the input, repaired in the output
 
     @property
     def passed(self) -> bool:

@@ -20,9 +20,11 @@ from onnx import numpy_helper
 
 from bnfold import fold_math
 from bnfold.fold_math import ChannelAffine
+from bnfold.function_scopes import fold_function
 from bnfold.graph import (
     CONSTANT_FOLDABLE_OPS,
     GraphIndex,
+    function_graph,
     has_subgraphs,
     names_used_inside,
     scoped_subgraphs,
@@ -85,6 +87,8 @@ class NameRegistry:
         if self._used is None:
             self._used = set()
             self._collect(self._model.graph, self._used)
+            for function in self._model.functions:  # folds inside functions need fresh names there too
+                self._collect(function_graph(function), self._used)
         return self._used
 
     def _collect(self, graph: onnx.GraphProto, used: set[str]) -> None:
@@ -114,6 +118,8 @@ def fold_model(model: onnx.ModelProto, keep_provenance: bool = False, store: Ten
     folder = _Folder(model, opset, keep_provenance, store)
     with np.errstate(over="ignore"):  # a weight overflowing float16 becomes inf: verification says so
         folder.fold_graph(model.graph, "main", None)
+        for function in model.functions:
+            fold_function(folder, function)
     folder.outcome.provenance = list(folder.provenance.values())
     return folder.outcome
 
@@ -140,12 +146,13 @@ class _Folder:
             self._value_infos = infer_value_infos(self.model)
         return self._value_infos
 
-    def fold_graph(self, graph: onnx.GraphProto, scope: str, outer: GraphIndex | None) -> None:
+    def fold_graph(self, graph: onnx.GraphProto, scope: str, outer: GraphIndex | None,
+                   input_kind: str = "graph input") -> None:
         infos = lambda: self.value_infos.get(scope, {})
 
         def build_index() -> GraphIndex:
             return GraphIndex(graph, self.model.ir_version, self.opset, infos, outer, is_main_graph=outer is None,
-                              store=self.store)
+                              store=self.store, input_kind=input_kind)
 
         index = build_index()
         for _ in range(MAX_PASSES):

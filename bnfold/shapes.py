@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx
 
-from bnfold.graph import ValueInfo, scoped_subgraphs, value_infos_of
+from bnfold.graph import ValueInfo, scoped_subgraphs, subgraphs_of, value_infos_of
 from bnfold.serialize import copy_without, raw_size
 
 # Initializers up to this many elements keep their data: shape inference reads values of small
@@ -56,15 +56,19 @@ def weight_free(model: onnx.ModelProto, empty_stubs: bool = False) -> onnx.Model
 
 
 def infer_value_infos(model: onnx.ModelProto) -> dict[str, dict[str, ValueInfo]]:
-    """Value types and shapes per graph scope ("main", "main/<node>.<attr>", ...).
+    """Value types and shapes per graph scope ("main", "main/<node>.<attr>", ...), as the graph
+    proves them: inferred from the declared graph inputs and the constants only.
 
-    Falls back to the shapes declared in the model when shape inference fails (custom ops, odd
-    exports): the rules then refuse what needs an unknown rank instead of guessing.
+    A fold decision may rest on nothing else. `value_info` (and shapes declared on outputs or on a
+    subgraph's formal inputs) is a claim a stale export can get wrong, so inference runs on a copy
+    without it; what inference cannot derive stays unknown (or symbolic) and the rules refuse what
+    needs it. Data propagation lets Reshape targets computed from Shape nodes count as proven.
     """
+    evidence = _without_declared_shapes(weight_free(model), model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(weight_free(model), check_type=False, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(evidence, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - any inference failure just means "less is known"
-        inferred = model
+        inferred = evidence
     scopes: dict[str, dict[str, ValueInfo]] = {}
 
     def visit(graph: onnx.GraphProto, scope: str) -> None:
@@ -74,3 +78,28 @@ def infer_value_infos(model: onnx.ModelProto) -> dict[str, dict[str, ValueInfo]]
 
     visit(inferred.graph, "main")
     return scopes
+
+
+def _without_declared_shapes(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` keeping only the shapes its graph inputs declare: no value_info, no shapes on graph
+    outputs or on subgraph inputs (element types stay; inference needs them). Edited in place when
+    it is already a copy (a skeleton), else copied: `original` is never touched."""
+    copy = model
+    if model is original:
+        copy = copy_without(model, "graph")
+        copy.graph.CopyFrom(copy_without(model.graph, "value_info"))
+    _forget_shapes(copy.graph, keep_input_shapes=True)
+    for function in copy.functions:
+        del function.value_info[:]
+    return copy
+
+
+def _forget_shapes(graph: onnx.GraphProto, keep_input_shapes: bool) -> None:
+    del graph.value_info[:]
+    values = list(graph.output) if keep_input_shapes else [*graph.input, *graph.output]
+    for value in values:
+        if value.type.HasField("tensor_type"):
+            value.type.tensor_type.ClearField("shape")
+    for node in graph.node:
+        for body in subgraphs_of(node):
+            _forget_shapes(body, keep_input_shapes=False)

@@ -24,7 +24,7 @@ import onnx
 
 from bnfold.affine_probe import magnitude_constants, probe_affines, probe_spec
 from bnfold.fold_math import ChannelAffine, is_bfloat16, spread_affine
-from bnfold.graph import scoped_subgraphs
+from bnfold.graph import function_graph, function_scope, scoped_subgraphs
 from bnfold.report import TensorCheck, Verification
 from bnfold.rewrite import Provenance
 from bnfold.rules.layers import fold_parameters, match_layer, peak_abs
@@ -316,5 +316,13 @@ def _initializers_by_scope(model: onnx.ModelProto) -> dict[tuple[str, str], onnx
             visit(body, path)
 
     visit(model.graph, "main")
+    for function in model.functions:
+        # A fold inside a function body writes its parameters as Constant nodes there.
+        body = function_graph(function)
+        scope = function_scope(function)
+        found.update(((scope, node.output[0]), node.attribute[0].t) for node in body.node
+                     if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value")
+        for path, subgraph in scoped_subgraphs(body, scope):
+            visit(subgraph, path)
     return found
 

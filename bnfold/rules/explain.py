@@ -12,6 +12,7 @@ from bnfold.graph import GraphIndex
 from bnfold.report import Reason, SkippedRecord
 from bnfold.rules.affine_ops import AffineOp, is_default_domain, match_batch_norm
 from bnfold.rules.layers import Layer, backward_refusal, forward_refusal, match_layer, overflow_refusal
+from bnfold.rules.passthrough import PASSTHROUGH_OPS, axis_before, walk_passthrough
 from bnfold.rules.refusal import Refusal
 
 
@@ -45,6 +46,8 @@ def explain(node: onnx.NodeProto, index: GraphIndex) -> Refusal:
 def _backward_refusal(op: AffineOp, index: GraphIndex) -> Refusal | None:
     """Why the producer could not absorb the BN, or None when the producer is no layer at all."""
     producer = index.producer_of(op.data_input)
+    if producer is not None and producer.op_type in PASSTHROUGH_OPS and is_default_domain(producer):
+        return _through_layout_refusal(op, producer, index)
     layer = None if producer is None else match_layer(producer, index)
     if layer is None:
         return None
@@ -58,6 +61,29 @@ def _backward_refusal(op: AffineOp, index: GraphIndex) -> Refusal | None:
         return Refusal(Reason.PRODUCER_HAS_OTHER_CONSUMERS, f"{layer.kind} '{name}' output has {count} consumers")
     refusal = backward_refusal(layer, op.axis, op.affine.channels) or overflow_refusal(layer, None, op.affine)
     return refusal or Refusal(Reason.NO_FOLDABLE_NEIGHBOUR, f"{layer.kind} '{name}' was not folded")
+
+
+def _through_layout_refusal(op: AffineOp, producer: onnx.NodeProto, index: GraphIndex) -> Refusal | None:
+    """Layer -> layout nodes (Reshape, Transpose, ...) -> BN: why the BN's channels could not be
+    followed back to the layer's output channels; None when no layer sits behind the layout nodes."""
+    while producer is not None and producer.op_type in PASSTHROUGH_OPS and is_default_domain(producer) and producer.input:
+        producer = index.producer_of(producer.input[0])
+    if producer is None or not producer.output or match_layer(producer, index) is None:
+        return None
+    between = walk_passthrough(producer.output[0], index)
+    if not between or between[-1].output[0] != op.data_input:
+        return None  # a layout node with other readers: the layer's output is not the BN's alone
+    if axis_before(between, op.axis, index) is not None:
+        return None  # the channels map: the layer itself is what refused (explained below)
+    for node in between:
+        shapes = [index.info(name) for name in (node.input[0], node.output[0])]
+        if node.op_type not in ("Identity", "Transpose") and any(
+                info is None or info.shape is None or not all(isinstance(d, int) for d in info.shape) for info in shapes):
+            dims = " -> ".join("?" if i is None or i.shape is None else str(list(i.shape)) for i in shapes)
+            return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} '{node.name or node.output[0]}' ({dims}): whether it "
+                           "keeps the BN's channels whole depends on dims the graph does not fix")
+    return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"the layout nodes between {producer.op_type} "
+                   f"'{producer.name or producer.output[0]}' and the BN do not keep its channels whole on axis {op.axis}")
 
 
 def _forward_refusal(op: AffineOp, index: GraphIndex) -> Refusal | None:

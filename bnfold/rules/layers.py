@@ -139,7 +139,13 @@ def forward_refusal(layer: Layer, axis: int | None, channels: int, shift_free: b
     if layer.kind == "Conv" and not shift_free:
         # The padded zeros bypass the map: s*x + t is applied to the data but not to the zeros the
         # Conv adds around it. A pure scale maps 0 to 0, so for it padding does not matter.
-        padding = _conv_padding(layer.node, layer.weight.shape[2:], layer.attributes.get("input_spatial"))
+        spatial = layer.attributes.get("input_spatial")
+        padding = _conv_padding(layer.node, layer.weight.shape[2:], spatial)
+        if padding is None:
+            dims = "unknown" if spatial is None else list(spatial)
+            return Refusal(Reason.UNKNOWN_SHAPE, f"Conv '{layer.node.name or layer.output}' auto_pad={_auto_pad(layer.node)}"
+                           f" pads by an amount that depends on its input's spatial dims, which the graph does not "
+                           f"fix (inferred: {dims})")
         if padding:
             return Refusal(Reason.PADDED_CONSUMER, f"Conv '{layer.node.name or layer.output}' {padding}: "
                            "zero padding is applied after the affine map, so the fold is not exact")
@@ -154,12 +160,15 @@ def forward_refusal(layer: Layer, axis: int | None, channels: int, shift_free: b
     return None
 
 
-def _conv_padding(node: onnx.NodeProto, kernel: tuple[int, ...], input_spatial: tuple | None) -> str:
-    """A description of the zero padding a Conv applies, or '' when it applies none."""
+def _conv_padding(node: onnx.NodeProto, kernel: tuple[int, ...], input_spatial: tuple | None) -> str | None:
+    """A description of the zero padding a Conv applies, '' when it applies none, None when that
+    depends on input dims the graph leaves unknown (SAME padding)."""
     auto_pad = _auto_pad(node)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         total = _same_total_padding(node, kernel, input_spatial)
-        return "" if total is not None and not any(total) else f"auto_pad={auto_pad}"
+        if total is None:
+            return None
+        return f"auto_pad={auto_pad}" if any(total) else ""
     if auto_pad == "VALID":
         return ""
     pads = attribute(node, "pads", None) or []

@@ -1,0 +1,61 @@
+"""Folding inside model-local functions (`ModelProto.functions`).
+
+A function body is folded like a graph scope of its own, with one difference in what counts as a
+constant: its formal inputs are values of each call, so only what the body itself fixes (Constant
+nodes, and constant subgraphs of them) can be folded. The body is folded as a graph (its inputs as
+graph inputs, its outputs as graph outputs); the parameters a fold writes, which a graph would keep
+as initializers, become Constant nodes at the start of the body.
+
+A body that takes attributes from its callers (`ref_attr_name`) is not folded at all: there a node's
+attribute (a Constant's value, a BN's epsilon, a Conv's group) is whatever each call passes. Its BNs
+are still reported, each with a reason code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import onnx
+
+from bnfold.graph import function_graph, function_scope, references_attributes, subgraphs_of
+from bnfold.report import Reason, SkippedRecord
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bnfold.rewrite import _Folder
+
+
+def fold_function(folder: _Folder, function: onnx.FunctionProto) -> None:
+    """Fold inside `function` (part of the folder's model, edited in place) with the folder's passes."""
+    scope = function_scope(function)
+    if references_attributes(function.node):
+        folder.outcome.skipped.extend(_attribute_refusals(function, scope))
+        return
+    body = function_graph(function)
+    model_opset, store = folder.opset, folder.store
+    folder.opset = next((o.version for o in function.opset_import if o.domain in ("", "ai.onnx")), model_opset)
+    folder.store = None  # no initializers to defer: new tensors go into Constant nodes, in the proto
+    try:
+        folder.fold_graph(body, scope, None, input_kind=f"input of function '{function.name}' (a value of each call)")
+    finally:
+        folder.opset, folder.store = model_opset, store
+    constants = [onnx.helper.make_node("Constant", [], [tensor.name], value=tensor) for tensor in body.initializer]
+    del function.node[:]
+    function.node.extend(constants + list(body.node))
+
+
+def _attribute_refusals(function: onnx.FunctionProto, scope: str) -> Iterator[SkippedRecord]:
+    detail = (f"function '{function.name}' takes attributes from its callers (ref_attr_name): its body has no "
+              "fixed values to fold")
+    for node in _nodes_within(function.node):
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx") and node.output:
+            yield SkippedRecord(node.name or node.output[0], node.op_type, node.output[0],
+                                Reason.UNSUPPORTED_ATTRIBUTE, detail, scope)
+
+
+def _nodes_within(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.NodeProto]:
+    """`nodes` and every node of their subgraphs."""
+    for node in nodes:
+        yield node
+        for body in subgraphs_of(node):
+            yield from _nodes_within(body.node)
