@@ -92,15 +92,19 @@ def test_dynamo_zero_bias_folds_on_the_input_and_on_activations(dtype, rtol: flo
     assert_same_outputs(model, folded, rtol, atol)
 
 
-def test_symbolic_dim_read_by_shape_keeps_the_bias_dynamic() -> None:
-    """The zero bias's length comes from the batch dim N: not a constant, whatever value_info says."""
-    def batch_sized_zeros(g: GraphBuilder, x: str, weight: str) -> str:
+def zeros_sized_by_dims_of_x(start: int, end: int):
+    """A zero bias as long as Shape(x, start, end) says (the dynamo pattern reading the input)."""
+    def build(g: GraphBuilder, x: str, weight: str) -> str:
         like = g.node("CastLike", [g.node("Constant", [], value=numpy_helper.from_array(np.array(0.0, np.float32))), x])
-        return g.node("Expand", [like, g.node("Shape", [x], start=0, end=1)])
+        return g.node("Expand", [like, g.node("Shape", [x], start=start, end=end)])
+    return build
 
+
+def test_symbolic_dim_read_by_shape_keeps_the_bias_dynamic() -> None:
+    """The zero bias's length comes from the batch dim N: not a constant."""
     g = GraphBuilder(opset=18)
     x = g.input("x", ["N", 4, 8, 8])
-    y = g.bn(conv_with_bias(g, x, 4, 4, batch_sized_zeros), 4)
+    y = g.bn(conv_with_bias(g, x, 4, 4, zeros_sized_by_dims_of_x(0, 1)), 4)
     model = g.model([y], check=False)
 
     result = bnfold.fold(model, verify=False)
@@ -113,13 +117,9 @@ def test_symbolic_dim_read_by_shape_keeps_the_bias_dynamic() -> None:
 
 def test_static_dims_a_shape_reads_are_enough() -> None:
     """Shape(x, start=1, end=2) reads only the channel dim, which is fixed although N is not."""
-    def channel_sized_zeros(g: GraphBuilder, x: str, weight: str) -> str:
-        like = g.node("CastLike", [g.node("Constant", [], value=numpy_helper.from_array(np.array(0.0, np.float32))), x])
-        return g.node("Expand", [like, g.node("Shape", [x], start=1, end=2)])
-
     g = GraphBuilder(opset=18)
     x = g.input("x", ["N", 4, 8, 8])
-    y = g.bn(conv_with_bias(g, x, 4, 4, channel_sized_zeros), 4)
+    y = g.bn(conv_with_bias(g, x, 4, 4, zeros_sized_by_dims_of_x(1, 2)), 4)
     model = g.model([y])
 
     result = bnfold.fold(model, input_shapes={"x": [2, 4, 8, 8]})
@@ -349,3 +349,18 @@ def test_evaluated_bn_is_reported_in_json_and_counted_by_check() -> None:
     assert [(r["direction"], r["into"]) for r in data["folded"]] == [("evaluated", [bn_output])]
     assert f"evaluated into {bn_output}" in render.to_text(report)
     assert [r.output for r in bnfold.check(model).foldable] == [bn_output]
+
+
+def test_training_bn_of_a_constant_that_is_a_graph_output_stays() -> None:
+    """An output that is an initializer is not portable: the node stays, with its reason."""
+    g = GraphBuilder(opset=17)
+    x = g.input("x", [1, 3, 8, 8])
+    weight, bn_output = standardised_weight(g, 4, 3, running_outputs=False)
+    y = g.node("Conv", [x, weight], pads=[1, 1, 1, 1])
+    model = nf_model(g, {y: [1, 4, 8, 8], bn_output: [1, 4, 27]})
+
+    result = bnfold.fold(model)
+
+    assert result.report.passed and result.report.folded == []
+    reason, detail = skipped_reason(result)
+    assert (reason, detail) == (Reason.TRAINING_MODE, "training_mode=1 on a constant, but its output is a graph output")
