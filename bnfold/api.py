@@ -111,7 +111,7 @@ def fold(
 
     def verified(written: Path | None) -> bool:
         report.verification = _verify(original, working, provenance=outcome.provenance, config=config, store=store,
-                                      folded_file=written)
+                                      folded_file=written, evaluated=outcome.evaluated)
         return report.verification.passed
 
     if output is None:

@@ -91,6 +91,24 @@ def bn_affine(
     return ChannelAffine(scale, beta - mean * scale)
 
 
+def batch_statistics_normalized(x: FloatArray, gamma: FloatArray, beta: FloatArray, eps: float) -> FloatArray:
+    """Training-mode BatchNormalization's Y (BN-14/15): each channel (axis 1) normalised by its own
+    mean and biased variance over every other axis, then scaled and shifted; in float64."""
+    values = np.asarray(x, dtype=np.float64)
+    if values.ndim < 2 or not values.size:
+        raise InvalidAffineError(f"X of shape {list(values.shape)} has no channel axis with values")
+    axes = tuple(axis for axis in range(values.ndim) if axis != 1)
+    along = (1, -1) + (1,) * (values.ndim - 2)
+    params = np.array((gamma, beta), dtype=np.float64)  # [2, C]
+    if params.shape != (2, values.shape[1]):
+        raise InvalidAffineError(f"scale/B shapes do not match {values.shape[1]} channels")
+    centred = values - values.mean(axis=axes, keepdims=True)
+    denominator = (centred * centred).mean(axis=axes, keepdims=True) + np.float64(eps)
+    if not np.isfinite(params).all() or not np.isfinite(centred).all() or (denominator <= 0).any():
+        raise InvalidAffineError("non-finite values, or a channel with variance + epsilon <= 0")
+    return centred / np.sqrt(denominator) * params[0].reshape(along) + params[1].reshape(along)
+
+
 def scale_affine(values: FloatArray) -> ChannelAffine:
     """Mul by a per-channel constant."""
     scale = np.asarray(values, dtype=np.float64).reshape(-1)

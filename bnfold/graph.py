@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from bnfold import constants as computed
 from bnfold.tensors import tensor_values
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 CONSTANT_FOLDABLE_OPS = frozenset(
     {"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "ConstantOfShape", "Flatten", "Expand",
      "Concat", "Transpose", "Shape", "Gather", "Slice", "Neg", "Sqrt", "Reciprocal", "Mul", "Add",
-     "Sub", "Div", "CastLike"}
+     "Sub", "Div", "CastLike", "Size"}
 )
 # Constant subgraphs larger than this are left to the runtime: folding through them is not worth
 # evaluating an arbitrary program at fold time.
@@ -175,6 +176,7 @@ class GraphIndex:
         is_main_graph: bool = True,
         store: TensorStore | None = None,
         input_kind: str = "graph input",
+        static_infos: Callable[[], dict[str, ValueInfo]] | None = None,
     ) -> None:
         self.graph = graph
         self.input_kind = input_kind  # what the graph's inputs are, for refusal messages
@@ -213,6 +215,9 @@ class GraphIndex:
         # value_info on intermediate values is a claim, not evidence (see `bnfold.shapes`).
         self._value_infos = value_infos if value_infos is not None else (lambda: _declared_inputs(graph))
         self._constants: dict[str, np.ndarray | None] = {}
+        # Main graph only: types and shapes that no value_info can fake (see `bnfold.constants`),
+        # inferred the first time a constant depends on one.
+        self._static_infos = static_infos
 
     @classmethod
     def of_constants(cls, nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], opset: int) -> GraphIndex:
@@ -263,6 +268,16 @@ class GraphIndex:
             return None
         return info.elem_type
 
+    def static_info(self, name: str) -> ValueInfo | None:
+        """Type and shape of `name` as fixed by the declared graph inputs and the constants alone."""
+        if name in self.overridable:
+            return None
+        if name in self.producer or name in self.graph_inputs or name in self.initializers:
+            if callable(self._static_infos):
+                self._static_infos = self._static_infos()
+            return None if self._static_infos is None else self._static_infos.get(name)
+        return None if self.outer is None else self.outer.static_info(name)
+
     # --- constants -----------------------------------------------------------------------------
 
     def read(self, tensor: onnx.TensorProto) -> np.ndarray:
@@ -287,7 +302,7 @@ class GraphIndex:
             self._constants[name] = self._evaluate_constant(name, MAX_CONSTANT_SUBGRAPH_NODES)
         return self._constants[name]
 
-    def why_not_constant(self, name: str) -> str:
+    def why_not_constant(self, name: str, depth: int = 4) -> str:
         """Where a non-constant value comes from, for a refusal message."""
         if name in self.overridable:
             return "is an initializer that is also a graph input (callers may override it)"
@@ -295,10 +310,23 @@ class GraphIndex:
             return f"is a {self.input_kind}"
         node = self.producer_of(name)
         if node is None:
-            return "is not a constant" if self.outer is None else self.outer.why_not_constant(name)
+            return "is not a constant" if self.outer is None else self.outer.why_not_constant(name, depth)
         label = f"{node.op_type} '{node.name or name}'"
         if node.op_type == "DequantizeLinear":
             return f"is dequantized at run time by {label} (quantized weights stay quantized)"
+        if node.op_type in CONSTANT_FOLDABLE_OPS and node.domain in ("", "ai.onnx") and depth > 0:
+            for position, input_name in enumerate(node.input):
+                if not input_name or self.constant(input_name) is not None:
+                    continue
+                kind = computed.metadata_read(node, position)
+                info = None if kind is None else self.static_info(input_name)
+                if kind is not None and computed.placeholder(info, node, position) is not None:
+                    continue
+                if kind is not None:
+                    known = "" if info is None or info.shape is None else f" {list(info.shape)}"
+                    return (f"is computed by {label} from the {kind} of '{input_name}'{known}, "
+                            "which the declared graph inputs and constants do not fix")
+                return f"is computed by {label} from '{input_name}', which {self.why_not_constant(input_name, depth - 1)}"
         return f"is computed by {label}, not a constant bnfold evaluates"
 
     def _evaluate_constant(self, name: str, budget: int) -> np.ndarray | None:
@@ -313,15 +341,39 @@ class GraphIndex:
             return self.outer.constant(name)
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             return _constant_node_value(node)
-        if node.op_type not in CONSTANT_FOLDABLE_OPS or node.domain not in ("", "ai.onnx") or budget <= 0:
+        if budget <= 0 or node.domain not in ("", "ai.onnx"):
+            return None
+        if computed.is_training_bn(node):
+            return self._training_bn_output(node, name, budget)
+        if node.op_type not in CONSTANT_FOLDABLE_OPS:
             return None
         inputs = []
-        for input_name in node.input:
-            value = self._evaluate_constant(input_name, budget - 1) if input_name else None
+        for position, input_name in enumerate(node.input):
+            value = self._constant_input(node, position, input_name, budget - 1) if input_name else None
             if input_name and value is None:
                 return None
             inputs.append(value)
         return _evaluate_node(node, inputs, self.opset, name)
+
+    def _constant_input(self, node: onnx.NodeProto, position: int, name: str, budget: int) -> np.ndarray | None:
+        """An input's value; for an input the node reads only the type or dims of, a stand-in with
+        that fixed type or shape (see `bnfold.constants`)."""
+        value = self._constants.get(name)
+        if value is None:
+            value = self._evaluate_constant(name, budget)
+        if value is not None or computed.metadata_read(node, position) is None:
+            return value
+        return computed.placeholder(self.static_info(name), node, position)
+
+    def _training_bn_output(self, node: onnx.NodeProto, name: str, budget: int) -> np.ndarray | None:
+        """Y of a training-mode BN whose X, scale and B are constants and whose running mean/var
+        outputs nobody reads (its mean/var inputs only feed those)."""
+        if name != node.output[0] or len(node.input) < 3 or computed.running_outputs_read(node, self):
+            return None
+        inputs = [self._constant_input(node, position, node.input[position], budget - 1) for position in range(3)]
+        if any(value is None for value in inputs):
+            return None
+        return computed.training_bn_output(node, *inputs)
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

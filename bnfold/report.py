@@ -47,8 +47,10 @@ class FoldedRecord:
     node: str  # node name, or its output name when the node is unnamed
     op_type: str
     output: str
-    into: list[str]  # the layer node(s) that absorbed it
-    direction: str  # "backward" (into the producer) | "forward" (into consumers) | "merged"
+    into: list[str]  # the layer node(s) that absorbed it; for "evaluated", the initializer now holding its value
+    # "backward" (into the producer) | "forward" (into consumers) | "merged" | "evaluated" (a
+    # training-mode BN of a constant, replaced by its value)
+    direction: str
     graph: str = "main"  # the graph scope (subgraph path) it lived in
 
 

@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold import fold_math
+from bnfold.constants import EvaluatedConstant, constant_batch_norms
 from bnfold.fold_math import ChannelAffine
 from bnfold.function_scopes import fold_function
 from bnfold.graph import (
@@ -72,6 +73,7 @@ class FoldOutcome:
     folded: list[FoldedRecord] = field(default_factory=list)
     skipped: list[SkippedRecord] = field(default_factory=list)
     provenance: list[Provenance] = field(default_factory=list)
+    evaluated: list[EvaluatedConstant] = field(default_factory=list)  # with provenance only
     passes: int = 0
 
 
@@ -132,6 +134,7 @@ class _Folder:
         self.keep_provenance = keep_provenance
         self.names = NameRegistry(model)
         self._value_infos: dict[str, dict] | None = None
+        self.evaluated_names: set[tuple[str, str]] = set()  # (scope, name): never overwritten in place
         self.orphaned: set[str] = set()
         # Only kept with verification (they hold the original weights of folded layers).
         self.origins: dict[tuple[str, str], _Origin] = {}
@@ -152,9 +155,14 @@ class _Folder:
 
         def build_index() -> GraphIndex:
             return GraphIndex(graph, self.model.ir_version, self.opset, infos, outer, is_main_graph=outer is None,
-                              store=self.store, input_kind=input_kind)
+                              store=self.store, input_kind=input_kind,
+                              # Inferred shapes are evidence-only (`bnfold.shapes`): main-graph ones
+                              # may make a Shape/CastLike reader's result a constant.
+                              static_infos=infos if scope == "main" else None)
 
         index = build_index()
+        if self._replace_constant_batch_norms(graph, index, scope):
+            index = build_index()
         for _ in range(MAX_PASSES):
             plan = plan_pass(index)
             if not plan:
@@ -208,6 +216,7 @@ class _Folder:
         for merge in merges:
             self._merge_chain(graph, index, merge, scope, replaced, removed, maybe_dead)
         dead_names = _dead_values(index, replaced, removed, maybe_dead)
+        self.evaluated_names.difference_update((scope, name) for name in dead_names)
         for name in dead_names & self.written_by.keys():
             # A tensor an earlier pass wrote and this pass folded away (a MatMul's bias Add folded
             # forward into the next layer) is checked no more where it was written; the layer that
@@ -221,10 +230,30 @@ class _Folder:
         for position, node in replaced.items():
             graph.node[position].CopyFrom(node)
         _delete_positions(graph.node, removed)
-        if dead_names:
-            _delete_positions(graph.initializer, [i for i, t in enumerate(graph.initializer) if t.name in dead_names])
-            # IR < 4 lists every initializer as a graph input too: drop the listing with the value.
-            _delete_positions(graph.input, [i for i, v in enumerate(graph.input) if v.name in dead_names])
+        _delete_initializers(graph, dead_names)
+
+    def _replace_constant_batch_norms(self, graph: onnx.GraphProto, index: GraphIndex, scope: str) -> bool:
+        """Training-mode BNs of constants become initializers named like their output, before any
+        fold (the layers reading them then fold like any layer); what only they read goes too."""
+        found = constant_batch_norms(index)
+        if not found:
+            return False
+        removed = {index.producer[node.output[0]] for node, _ in found}
+        maybe_dead = {name for node, _ in found for name in node.input if name}
+        for node, values in found:
+            if any(reader not in removed for reader in index.consumers.get(node.output[0], ())):
+                self._add_initializer(graph, index, node.output[0], values)  # else only other such BNs read it
+            self.evaluated_names.add((scope, node.output[0]))
+            self.outcome.folded.append(FoldedRecord(node.name or node.output[0], node.op_type, node.output[0],
+                                                    [node.output[0]], "evaluated", scope))
+            if self.keep_provenance:
+                inputs = [index.constant(name) for name in node.input[:3]]
+                self.outcome.evaluated.append(EvaluatedConstant(scope, _copy(node), inputs, values))
+        dead_names = _dead_values(index, {}, removed, maybe_dead, any_default_op=True)
+        _drop_vanished_value_info(graph, index, {}, removed)
+        _delete_positions(graph.node, removed)
+        _delete_initializers(graph, dead_names)
+        return True
 
     def _fold_layer(self, graph, index, plan: LayerPlan, scope, replaced, removed, maybe_dead) -> None:
         layer = plan.layer
@@ -246,7 +275,8 @@ class _Folder:
         def name_for(role: str, preferred: str) -> str:
             # Overwrite in place only what nobody else reads; otherwise a fresh, unique name.
             if role in ("weight", "bias") and preferred in index.initializers and index.consumer_count(preferred) == 1 \
-                    and preferred not in index.overridable and preferred in layer.node.input:
+                    and preferred not in index.overridable and preferred in layer.node.input \
+                    and (scope, preferred) not in self.evaluated_names:  # checked as evaluated: keep
                 return preferred
             return self.names.fresh(f"{preferred}_bnfold" if role in ("weight", "bias") else preferred)
 
@@ -441,10 +471,19 @@ def _record(op: AffineOp, into: list[str], direction: str, scope: str) -> Folded
     return FoldedRecord(op.node.name or op.output, op.node.op_type, op.output, into, direction, scope)
 
 
+def _delete_initializers(graph: onnx.GraphProto, dead_names: set[str]) -> None:
+    if dead_names:
+        _delete_positions(graph.initializer, [i for i, t in enumerate(graph.initializer) if t.name in dead_names])
+        # IR < 4 lists every initializer as a graph input too: drop the listing with the value.
+        _delete_positions(graph.input, [i for i, v in enumerate(graph.input) if v.name in dead_names])
+
+
 def _dead_values(index: GraphIndex, replaced: dict[int, onnx.NodeProto], removed: set[int],
-                 candidates: set[str]) -> set[str]:
-    """Initializer names nobody will read after this pass; constant-producing nodes that become
-    unread are added to `removed`. Counts come from the index plus this pass's edits: O(edits)."""
+                 candidates: set[str], any_default_op: bool = False) -> set[str]:
+    """Initializer names nobody will read after this pass; constant-producing nodes (with
+    `any_default_op`, any default-domain node without subgraphs: a BN's running-statistics inputs
+    are computed by ReduceMean & co.) that become unread are added to `removed`. Counts come from
+    the index plus this pass's edits: O(edits)."""
     delta: dict[str, int] = {}  # a plain dict: Counter's update/subtract are several times slower
 
     def count(names: Iterable[str], step: int) -> None:
@@ -473,7 +512,10 @@ def _dead_values(index: GraphIndex, replaced: dict[int, onnx.NodeProto], removed
         if position is None or position in removed or position in replaced:
             continue
         node = index.nodes[position]
-        if node.op_type != "Constant" and node.op_type not in CONSTANT_FOLDABLE_OPS:
+        if any_default_op:
+            if node.domain not in ("", "ai.onnx") or has_subgraphs(node):
+                continue
+        elif node.op_type != "Constant" and node.op_type not in CONSTANT_FOLDABLE_OPS:
             continue
         if any(readers(output) > 0 for output in node.output if output and output not in dead):
             continue

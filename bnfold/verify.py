@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from bnfold.affine_probe import magnitude_constants, probe_affines, probe_spec
+from bnfold.constants import EvaluatedConstant, recompute
 from bnfold.fold_math import ChannelAffine, is_bfloat16, spread_affine
 from bnfold.graph import function_graph, function_scope, scoped_subgraphs
 from bnfold.report import TensorCheck, Verification
@@ -48,6 +49,7 @@ def verify(
     run_onnxruntime: bool = True,
     store: TensorStore | None = None,
     folded_file: str | os.PathLike | None = None,
+    evaluated: Sequence[EvaluatedConstant] = (),
 ) -> Verification:
     """Check `folded` against `original`; the result's `.passed` says whether every check passed.
     `folded_file`: the same model as written to disk, which onnxruntime then runs (so what is
@@ -57,17 +59,18 @@ def verify(
         # Overflow/NaN warnings from numpy or onnx's evaluator would leak onto stderr; every
         # non-finite value is already compared and reported explicitly.
         warnings.simplefilter("ignore", RuntimeWarning)
-        return _verify(original, folded, provenance, config, run_onnxruntime, store, folded_file)
+        return _verify(original, folded, provenance, config, run_onnxruntime, store, folded_file, evaluated)
 
 
 def _verify(original, folded, provenance, config: RunConfig, run_onnxruntime: bool,
-            store: TensorStore | None, folded_file: str | os.PathLike | None) -> Verification:
+            store: TensorStore | None, folded_file: str | os.PathLike | None,
+            evaluated: Sequence[EvaluatedConstant] = ()) -> Verification:
     result = Verification(seed=config.seed)
     store = store or TensorStore()
     store.materialize(folded, nested_only=True)  # subgraph tensors are checked with their graphs
     result.checker_passed, result.checker_message = _check_model(folded, original, store)
     if not run_onnxruntime:
-        result.tensors = analytic_checks(folded, provenance, store)
+        result.tensors = analytic_checks(folded, provenance, store) + evaluated_checks(folded, evaluated, store)
         result.runtime_status = "not run: switched off"
         return result
     # The analytic check (numpy, one thread) runs while onnxruntime builds its sessions, which is
@@ -77,7 +80,7 @@ def _verify(original, folded, provenance, config: RunConfig, run_onnxruntime: bo
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-analytic") as pool:
         tensors = pool.submit(_analytic_checks_quietly, folded, provenance, store)
         compare_outputs(original, folded, result, config, store, folded_file)
-        result.tensors = tensors.result()
+        result.tensors = tensors.result() + evaluated_checks(folded, evaluated, store)
     return result
 
 
@@ -157,6 +160,30 @@ def analytic_checks(folded: onnx.ModelProto, provenance: Sequence[Provenance], s
             checks.append(TensorCheck(name, layer_name, error, error <= 1.0))
     for position, error in small.errors():
         checks[position] = dataclasses.replace(checks[position], max_ulp_error=error, passed=error <= 1.0)
+    return checks
+
+
+def evaluated_checks(folded: onnx.ModelProto, evaluated: Sequence[EvaluatedConstant], store: TensorStore
+                     ) -> list[TensorCheck]:
+    """Each training-mode BN replaced by its value, against the BN run again in float64 by onnx's
+    reference evaluator: the initializer if still in the model, else the value the folds that
+    consumed it read."""
+    if not evaluated:
+        return []
+    tensors = _initializers_by_scope(folded)
+    checks = []
+    for record in evaluated:
+        name, label = record.node.output[0], record.node.name or record.node.output[0]
+        written = tensors.get((record.scope, name))
+        values = store.read(written) if written is not None else record.values
+        try:
+            with np.errstate(all="ignore"):
+                expected = recompute(record)
+        except Exception as error:  # noqa: BLE001 - a check that cannot run fails, never passes
+            checks.append(TensorCheck(name, label, float("inf"), False, f"not recomputed: {type(error).__name__}"))
+            continue
+        error = ulp_error(values, expected)
+        checks.append(TensorCheck(name, label, error, error <= 1.0))
     return checks
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from bnfold.constants import training_mode_detail
 from bnfold.fold_math import (
     ChannelAffine,
     InvalidAffineError,
@@ -65,7 +66,7 @@ def match_affine(node: onnx.NodeProto, index: GraphIndex, rank: int | None) -> A
 def match_batch_norm(node: onnx.NodeProto, index: GraphIndex) -> AffineOp | Refusal:
     """Inference BN across opsets 1-15; `is_test` (opsets 1-6) is ignored on purpose."""
     if attribute(node, "training_mode", 0):
-        return Refusal(Reason.TRAINING_MODE, "training_mode=1 uses batch statistics")
+        return Refusal(Reason.TRAINING_MODE, training_mode_detail(node, index))
     if any(node.output[1:]):
         return Refusal(Reason.EXTRA_OUTPUTS, "running mean/var outputs are produced")
     if index.opset < 9 and attribute(node, "spatial", 1) != 1:
