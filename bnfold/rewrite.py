@@ -28,7 +28,8 @@ from bnfold.graph import (
     scoped_subgraphs,
     subgraphs_of,
 )
-from bnfold.report import FoldedRecord, SkippedRecord
+from bnfold.branch_merge import merge_branches, with_branch_reasons
+from bnfold.report import FoldedRecord, MergedBranchesRecord, SkippedRecord
 from bnfold.rules.affine_ops import AffineOp
 from bnfold.rules.chains import LayerPlan, MergePlan, chain_axis, compose, plan_pass
 from bnfold.rules.explain import explain_skipped
@@ -69,7 +70,8 @@ class Provenance:
 class FoldOutcome:
     folded: list[FoldedRecord] = field(default_factory=list)
     skipped: list[SkippedRecord] = field(default_factory=list)
-    provenance: list[Provenance] = field(default_factory=list)
+    merged_branches: list[MergedBranchesRecord] = field(default_factory=list)
+    provenance: list = field(default_factory=list)  # Provenance, and BranchProvenance of merged branches
     passes: int = 0
 
 
@@ -107,11 +109,14 @@ class NameRegistry:
         return name
 
 
-def fold_model(model: onnx.ModelProto, keep_provenance: bool = False, store: TensorStore | None = None) -> FoldOutcome:
+def fold_model(model: onnx.ModelProto, keep_provenance: bool = False, store: TensorStore | None = None,
+               merge_branches: bool = True) -> FoldOutcome:
     """Fold every foldable affine chain of `model` in place (the caller owns `model`). New tensor
-    data goes to `store` (see `bnfold.tensors`); without one, it is written into the proto."""
+    data goes to `store` (see `bnfold.tensors`); without one, it is written into the proto.
+    `merge_branches`: also merge sums of linear branches into one Conv (`bnfold.branch_merge`)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     folder = _Folder(model, opset, keep_provenance, store)
+    folder.merge_branches = merge_branches
     with np.errstate(over="ignore"):  # a weight overflowing float16 becomes inf: verification says so
         folder.fold_graph(model.graph, "main", None)
     folder.outcome.provenance = list(folder.provenance.values())
@@ -132,6 +137,7 @@ class _Folder:
         self.provenance: dict[tuple[str, str], Provenance] = {}
         self.written_by: dict[str, tuple[str, str]] = {}  # tensor name -> key of the record that wrote it
         self.outcome = FoldOutcome()
+        self.merge_branches = True
 
     @property
     def value_infos(self) -> dict[str, dict]:
@@ -148,22 +154,29 @@ class _Folder:
                               store=self.store)
 
         index = build_index()
+        branch_refusals: dict = {}
         for _ in range(MAX_PASSES):
             plan = plan_pass(index)
-            if not plan:
+            if plan:
+                self.outcome.passes += 1
+                cascades = _may_cascade(plan.layers, plan.merges, index)
+                self._apply(graph, index, plan.layers, plan.merges, scope)
+                if not cascades and not _needs_index(graph, self.merge_branches):
+                    return  # no BN left to explain, no subgraph or sum to visit: skip re-indexing a big graph
+                index = build_index()
+                if cascades:
+                    continue
+            if not self.merge_branches:
+                break
+            merged, branch_refusals = merge_branches(self, graph, index, scope)
+            if not merged:
                 break
             self.outcome.passes += 1
-            cascades = _may_cascade(plan.layers, plan.merges, index)
-            self._apply(graph, index, plan.layers, plan.merges, scope)
-            if not cascades and not _needs_index(graph):
-                return  # no BN left to explain, no subgraph to visit: skip re-indexing a big graph
             index = build_index()
-            if not cascades:
-                break
         for path, body in scoped_subgraphs(graph, scope):
             self.fold_graph(body, path, index)
         self._drop_outer_orphans(graph, index)
-        self.outcome.skipped.extend(explain_skipped(index, scope))
+        self.outcome.skipped.extend(with_branch_reasons(explain_skipped(index, scope), branch_refusals))
 
     def _drop_outer_orphans(self, graph: onnx.GraphProto, index: GraphIndex) -> None:
         """Remove this scope's initializers that only a (now folded) subgraph used to read."""
@@ -200,6 +213,11 @@ class _Folder:
             self.outcome.folded.extend(_record(op, into, "forward", scope) for op in chain)
         for merge in merges:
             self._merge_chain(graph, index, merge, scope, replaced, removed, maybe_dead)
+        self.commit(graph, index, replaced, removed, maybe_dead, scope)
+
+    def commit(self, graph: onnx.GraphProto, index: GraphIndex, replaced: dict[int, onnx.NodeProto], removed: set[int],
+               maybe_dead: set[str], scope: str) -> None:
+        """Write one pass's node edits into `graph` and drop the values nobody reads any more."""
         dead_names = _dead_values(index, replaced, removed, maybe_dead)
         for name in dead_names & self.written_by.keys():
             # A tensor an earlier pass wrote and this pass folded away (a MatMul's bias Add folded
@@ -230,6 +248,8 @@ class _Folder:
         # A layer folded in an earlier pass is recomputed from its original parameters with the maps
         # composed, so it is still rounded once (and checked against one provenance).
         origin = self.origins.pop((scope, layer.output), None)
+        if origin is None:  # a merged branch sum folded further is checked from its values as stored
+            self.provenance.pop((scope, layer.output), None)
         math_layer = origin.layer if origin else layer
         pre = _then(plan.pre_affine, origin.pre if origin else None)
         post = _then(origin.post if origin else None, plan.post_affine)
@@ -418,10 +438,13 @@ def _delete_positions(container, positions: Iterable[int]) -> None:
             del container[position:run_end]
 
 
-def _needs_index(graph: onnx.GraphProto) -> bool:
-    """After the last pass, does the scope still need an index: a BN left to explain, or subgraphs
-    (to fold, with this scope as their outer one, and to clean up after)?"""
-    return any(node.op_type == "BatchNormalization" or has_subgraphs(node) for node in graph.node)
+def _needs_index(graph: onnx.GraphProto, merge_branches: bool) -> bool:
+    """After the last pass, does the scope still need an index: a BN left to explain, subgraphs
+    (to fold, with this scope as their outer one, and to clean up after), or sums of branches?"""
+    sums = ("Add", "Sub", "Sum") if merge_branches else ()
+    return any(node.op_type == "BatchNormalization" or node.op_type in sums or has_subgraphs(node)
+               for node in graph.node)
+
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:

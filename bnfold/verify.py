@@ -124,8 +124,12 @@ def _run_checker(model: onnx.ModelProto | str, full_check: bool) -> None:
 
 def analytic_checks(folded: onnx.ModelProto, provenance: Sequence[Provenance], store: TensorStore) -> list[TensorCheck]:
     """Compare each written tensor with a float64 recomputation from the original parameters."""
+    from bnfold.verify_branches import branch_checks
+
     tensors = _initializers_by_scope(folded)
-    checks: list[TensorCheck] = []
+    merged = [record for record in provenance if not isinstance(record, Provenance)]
+    provenance = [record for record in provenance if isinstance(record, Provenance)]
+    checks: list[TensorCheck] = branch_checks(merged, tensors, store) if merged else []
     small = _SmallTensorBatch()
     for record, expected in zip(provenance, _expected_parameters(provenance)):
         layer_name = record.layer_node.name or record.output
