@@ -34,6 +34,7 @@ from bnfold.rules.affine_ops import AffineOp
 from bnfold.rules.chains import LayerPlan, MergePlan, chain_axis, compose, plan_pass
 from bnfold.rules.explain import explain_skipped
 from bnfold.rules.layers import Layer, build_nodes, fold_parameters
+from bnfold.rules.multi_producer import JOIN_OPS
 from bnfold.rules.passthrough import PASSTHROUGH_OPS
 from bnfold.shapes import infer_value_infos
 from bnfold.tensors import TensorStore
@@ -48,6 +49,8 @@ class ChainSegment:
     nodes: list[onnx.NodeProto]  # copies, in data order
     rank: int | None  # rank of the tensor they act on
     spread: tuple[int, int] | None = None  # (inner, length): reached the layer's input through a Flatten/Reshape
+    channels: tuple[int, int] | None = None  # (first, count): the layer's slice of the chain (after a Concat)
+    scale_only: bool = False  # the layer took the chain's scale only (the second layer of an Add)
 
 
 @dataclass
@@ -138,6 +141,7 @@ class _Folder:
         self.written_by: dict[str, tuple[str, str]] = {}  # tensor name -> key of the record that wrote it
         self.outcome = FoldOutcome()
         self.merge_branches = True
+        self.joined_records: dict[tuple[str, str], FoldedRecord] = {}
 
     @property
     def value_infos(self) -> dict[str, dict]:
@@ -293,13 +297,25 @@ class _Folder:
             if op_position not in replaced:
                 removed.add(op_position)
         into = [layer.node.name or layer.output]
-        self.outcome.folded.extend(_record(op, into, "backward", scope) for op in plan.post)
+        if plan.between and plan.between[0].op_type in JOIN_OPS:
+            self._record_joined(plan, into[0], scope)
+        else:
+            self.outcome.folded.extend(_record(op, into, "backward", scope) for op in plan.post)
         if provenance is not None:
             provenance.written = [n for n in nodes[0].input[1:]] + [n for n in nodes[1:2] for n in n.input[1:]]
             provenance.output = y_name
             self.provenance[(scope, y_name)] = provenance
             self.written_by.update((name, (scope, y_name)) for name in provenance.written)
             self.origins[(scope, y_name)] = _Origin(replace(math_layer, node=_copy(math_layer.node)), pre, post)
+
+    def _record_joined(self, plan: LayerPlan, layer_name: str, scope: str) -> None:
+        """One record per op of a chain folded into several joined layers, listing all of them."""
+        for op in plan.post:
+            record = self.joined_records.get((scope, op.output))
+            if record is None:
+                record = self.joined_records[(scope, op.output)] = _record(op, [], "backward", scope)
+                self.outcome.folded.append(record)
+            record.into.append(layer_name)
 
     @staticmethod
     def _hand_over_chain_output(index: GraphIndex, plan: LayerPlan, nodes: list[onnx.NodeProto],
@@ -370,7 +386,8 @@ class _Folder:
         pre = [ChainSegment([_copy(op.node) for op in plan.pre], index.rank(plan.pre[0].data_input),
                             None if spread is None else (spread.inner, spread.length))] if plan.pre else []
         post_rank = index.rank(plan.between[-1].output[0]) if plan.between else plan.layer.output_rank
-        post = [ChainSegment([_copy(op.node) for op in plan.post], post_rank)] if plan.post else []
+        post = [ChainSegment([_copy(op.node) for op in plan.post], post_rank, None, plan.post_slice,
+                             plan.post_scale_only)] if plan.post else []
         earlier = self.provenance.pop((scope, plan.layer.output), None) if origin else None
         if earlier is not None:  # extend the first fold's record: same original layer, more segments
             return Provenance(scope, earlier.layer_node, earlier.layer_params, pre + earlier.pre, earlier.post + post,
