@@ -206,3 +206,15 @@ def test_json_with_merges_and_branch_refusals_matches_the_schema(tmp_path):
     assert [r["branches"] for r in data["merged_branches"]] == [3]
     assert [r["reason"] for r in data["skipped"]] == ["branch_not_linear"]
     assert "branches" in {r["direction"] for r in data["folded"]}
+
+
+@pytest.mark.parametrize("bn_first", [True, False])
+def test_identity_minus_its_bn_in_both_orders(bn_first):
+    """conv(x) + (x - BN(x)) and conv(x) + (BN(x) - x): a sign error in either order changes outputs."""
+    g = GraphBuilder()
+    x = g.relu(g.input("x", [1, 4, 5, 5]))
+    norm = g.bn(x, 4)
+    difference = g.node("Sub", [norm, x] if bn_first else [x, norm])
+    y = g.node("Add", [g.conv(x, 4, 4, kernel=3, pads=[1] * 4), difference])
+    result = fold_and_compare(g.model([y]))
+    assert op_types(result.model) == ["Relu", "Conv"]
