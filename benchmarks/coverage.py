@@ -326,6 +326,50 @@ def trap_reshape_moves_channels() -> onnx.ModelProto:
     return b.model([vi("x", [4, 6])], [vi("y", [2, 6, 2])], opset=13)
 
 
+def repvgg_block() -> onnx.ModelProto:
+    """RepVGG training form: Relu → (Conv3x3 → BN) + (Conv1x1 → BN) + BN(identity) → Relu, twice."""
+    b = B(seed=17)
+    x = b.node("Relu", ["x"], "stem")
+    for i in range(2):
+        a = b.bn(b.conv(x, 8, 8, f"b{i}.c3", bias=False), 8, f"b{i}.bn3")
+        c = b.bn(b.conv(x, 8, 8, f"b{i}.c1", k=1, pad=0, bias=False), 8, f"b{i}.bn1")
+        total = b.node("Add", [b.node("Add", [a, c], f"b{i}.add0"), b.bn(x, 8, f"b{i}.bnid")], f"b{i}.add1")
+        x = b.node("Relu", [total], f"b{i}.relu" if i == 0 else "y")
+    return b.model([vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])], opset=13)
+
+
+def mobileone_block() -> onnx.ModelProto:
+    """MobileOne depthwise block: 2 × (DWConv3x3 → BN) + (DWConv1x1 → BN) (scale branch) + BN(identity)."""
+    b = B(seed=18)
+    x = b.node("Relu", ["x"], "stem")
+    branches = []
+    for i, (k, pad) in enumerate([(3, 1), (3, 1), (1, 0)]):
+        w = b.init(f"dw{i}.w", b.weight((8, 1, k, k), k * k))
+        conv = b.node("Conv", [x, w], f"dw{i}", group=8, kernel_shape=[k, k], pads=[pad] * 4)
+        branches.append(b.bn(conv, 8, f"dw{i}.bn"))
+    branches.append(b.bn(x, 8, "id.bn"))
+    b.node("Relu", [b.node("Sum", branches, "sum")], "y")
+    return b.model([vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])], opset=13)
+
+
+def concat_bn() -> onnx.ModelProto:
+    """CSP-style: Concat(Conv_a(x), Conv_b(Relu(x)), axis=1) → BN → Relu."""
+    b = B(seed=19)
+    a = b.conv("x", 8, 6, "a")
+    c = b.conv(b.node("Relu", ["x"], "r"), 8, 4, "b", k=1, pad=0)
+    b.node("Relu", [b.bn(b.node("Concat", [a, c], "cat", axis=1), 10, "bn")], "y")
+    return b.model([vi("x", [1, 8, 8, 8])], [vi("y", [1, 10, 8, 8])], opset=13)
+
+
+def add_bn() -> onnx.ModelProto:
+    """Add(Conv_a(x), Conv_b(Relu(x))) → BN → Relu (pre-activation style)."""
+    b = B(seed=20)
+    a = b.conv("x", 8, 8, "a")
+    c = b.conv(b.node("Relu", ["x"], "r"), 8, 8, "b", k=1, pad=0)
+    b.node("Relu", [b.bn(b.node("Add", [a, c], "add"), 8, "bn")], "y")
+    return b.model([vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])], opset=13)
+
+
 @dataclass
 class Spec:
     key: str
@@ -375,6 +419,14 @@ SPECS = [
          "the residual Add (of two activations) stays", 0, 1),
     Spec("11", "Trap: MatMul → Reshape [2,6,2] → BN over 6 channels (opset 13)", trap_reshape_moves_channels,
          "must NOT be folded: the reshape moves elements across channels", 1, 0),
+    Spec("12a", "RepVGG block (training form): (Conv3x3→BN) + (Conv1x1→BN) + BN(x) → Relu ×2 (opset 13)",
+         repvgg_block, "each block re-parameterizes exactly into one Conv3x3 (no BN, no Add left)", 0, 0),
+    Spec("12b", "MobileOne block: Sum of 2 × (DWConv3x3→BN), (DWConv1x1→BN), BN(x) (opset 13)",
+         mobileone_block, "the block re-parameterizes exactly into one depthwise Conv3x3", 0, 0),
+    Spec("13a", "Concat(Conv_a, Conv_b, axis=1) → BN → Relu (opset 13)", concat_bn,
+         "the BN's channel slices fold into the two Convs", 0, 0),
+    Spec("13b", "Add(Conv_a(x), Conv_b(Relu(x))) → BN → Relu (opset 13)", add_bn,
+         "the BN's scale folds into both Convs and its shift into one; the Add of two activations stays", 0, 1),
 ]
 
 

@@ -85,6 +85,7 @@ def fold(
     save_outputs: str | None = None,
     raise_on_failure: bool = True,
     output: str | os.PathLike | None = None,
+    merge_branches: bool = True,
 ) -> FoldResult:
     """Fold every exactly-foldable BatchNormalization (and per-channel Mul/Add) of `model`.
 
@@ -94,14 +95,17 @@ def fold(
     With `output`, the result is also written there atomically — and verified as written:
     onnxruntime runs the complete temporary file, which replaces `output` only if it passed
     (nothing is written otherwise; `result.report.output_path` says where it went).
+    `merge_branches`: merge sums of linear branches reading one tensor (RepVGG, MobileOne, ...)
+    into one Conv (see docs/branch_merging.md).
     """
     config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, list(providers),
                        save_inputs, save_outputs) if verify else None  # checks the options before any work
     working, original, path, protected, store = _open(model)
     report = Report(input_path=None if path is None else str(path), ops_before=op_counts(working))
     report.repairs = conformance.repair(working)  # before folding: new initializers are listed the same way
-    outcome = fold_model(working, keep_provenance=verify, store=store)
+    outcome = fold_model(working, keep_provenance=verify, store=store, merge_branches=merge_branches)
     report.folded, report.skipped, report.passes = outcome.folded, outcome.skipped, outcome.passes
+    report.merged_branches = outcome.merged_branches
     report.ops_after = op_counts(working)
     result = FoldResult(working, report, external_data=bool(protected), protected_files=protected, store=store)
     if not verify:
@@ -161,12 +165,17 @@ class CheckResult:
         return [r for r in self.report.folded if r.op_type == "BatchNormalization"]
 
     @property
+    def mergeable_branches(self) -> list:
+        """Sums of linear branches that fold into one Conv (counted as foldable)."""
+        return self.report.merged_branches
+
+    @property
     def training(self) -> list:
         return [r for r in self.report.skipped if r.reason == Reason.TRAINING_MODE]
 
     @property
     def clean(self) -> bool:
-        return not self.foldable and not self.training and self.report.passed
+        return not self.foldable and not self.mergeable_branches and not self.training and self.report.passed
 
 
 def check(model: ModelSource, *, verify: bool = False, **verify_options) -> CheckResult:

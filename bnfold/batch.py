@@ -59,6 +59,7 @@ def run_job(job: Job) -> JobResult:
             checked = api.check(job.model, **job.options)
             findings = [f"{r.node}: foldable BatchNormalization ({r.direction} into {', '.join(r.into)})"
                         for r in checked.foldable]
+            findings += [f"{r.node}: {r.branches} branches mergeable into one Conv" for r in checked.mergeable_branches]
             findings += [f"{r.node}: BatchNormalization in training mode" for r in checked.training]
             if not checked.report.passed:
                 findings += [f"verification: {line}" for line in checked.report.verification.failures()]

@@ -78,6 +78,8 @@ def _verification_options(function):
         click.option("--report-md", type=click.Path(path_type=Path), help="Also write a Markdown summary here."),
         click.option("-q", "--quiet", is_flag=True, help="Print only problems."),
         click.option("-v", "--verbose", is_flag=True, help="List every op type and every folded node."),
+        click.option("--no-merge-branches", is_flag=True,
+                     help="Do not merge sums of linear branches (RepVGG-style blocks) into one Conv."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -85,7 +87,7 @@ def _verification_options(function):
 
 
 def _fold_options(verify: bool, input_shape, seed, iterations, inputs_npz, atol, rtol, providers, save_inputs,
-                  save_outputs) -> dict:
+                  save_outputs, no_merge_branches: bool = False) -> dict:
     """Validated keyword arguments for bnfold.fold; BadInputError for malformed values."""
     for flag, value in (("--atol", atol), ("--rtol", rtol)):
         if value is not None and not (value >= 0 and math.isfinite(value)):
@@ -94,7 +96,8 @@ def _fold_options(verify: bool, input_shape, seed, iterations, inputs_npz, atol,
                "rtol": rtol, "iterations": iterations,
                "providers": [p.strip() for p in providers.split(",") if p.strip()],
                "save_inputs": None if save_inputs is None else str(save_inputs),
-               "save_outputs": None if save_outputs is None else str(save_outputs)}
+               "save_outputs": None if save_outputs is None else str(save_outputs),
+               "merge_branches": not no_merge_branches}
     if inputs_npz is not None:
         options["inputs"] = load_npz(inputs_npz)
     return options

@@ -65,6 +65,7 @@ def to_text(report: Report, quiet: bool = False, verbose: bool = False) -> str:
     for record in report.folded:
         if verbose or record.op_type == "BatchNormalization":
             lines.append(f"  folded  {record.op_type} '{record.node}' {record.direction} into {', '.join(record.into)}")
+    lines += [f"  merged {r.branches} branches into Conv '{r.node}'" for r in report.merged_branches]
     for record in report.skipped:
         lines.append(f"  skipped {record.op_type} '{record.node}': {record.reason.value} ({record.detail})")
     lines += [f"  repaired {repair.code}: {repair.detail}" for repair in report.repairs]
@@ -80,6 +81,7 @@ def to_markdown(report: Report) -> str:
     lines += [f"| {op} | {before} | {after} |" for op, before, after in _op_rows(report)]
     lines += ["", "| node | decision | detail |", "|---|---|---|"]
     lines += [f"| {r.node} | folded ({r.direction}) | into {', '.join(r.into)} |" for r in report.folded]
+    lines += [f"| {r.node} | merged {r.branches} branches | into Conv {r.output} |" for r in report.merged_branches]
     lines += [f"| {r.node} | skipped: `{r.reason.value}` | {r.detail} |" for r in report.skipped]
     verification = report.verification
     if verification is not None:

@@ -38,6 +38,10 @@ class Reason(str, enum.Enum):
     CONSUMER_NOT_FOLDABLE = "consumer_not_foldable"
     OUTPUT_IS_GRAPH_OUTPUT = "output_is_graph_output"  # forward fold would delete a graph output
     UNSUPPORTED_ATTRIBUTE = "unsupported_attribute"  # e.g. Gemm transA=1 for a forward fold
+    # Branches summed into one Conv (RepVGG-style) that cannot be merged exactly:
+    BRANCH_GEOMETRY_MISMATCH = "branch_geometry_mismatch"  # stride/dilation/group/padding/channels differ
+    BRANCH_INTERMEDIATE_READ = "branch_intermediate_read"  # a branch's value is also read elsewhere
+    BRANCH_NOT_LINEAR = "branch_not_linear"  # a branch is not a linear map of the shared input
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,23 @@ class FoldedRecord:
     op_type: str
     output: str
     into: list[str]  # the layer node(s) that absorbed it; for "evaluated", the initializer now holding its value
-    # "backward" (into the producer) | "forward" (into consumers) | "merged" | "evaluated" (a
+    # "backward" (into the producer) | "forward" (into consumers) | "merged" (into one BN) |
+    # "branches" (a map inside a sum of branches merged into one Conv) | "evaluated" (a
     # training-mode BN of a constant, replaced by its value)
     direction: str
     graph: str = "main"  # the graph scope (subgraph path) it lived in
+
+
+@dataclass(frozen=True)
+class MergedBranchesRecord:
+    """Linear branches reading one tensor, summed into one Conv (RepVGG-style re-parameterization)."""
+
+    node: str  # the merged Conv's name (that of the largest branch Conv), or its output name
+    output: str  # the sum's output name, which the merged Conv keeps
+    branches: int  # Conv and identity branches merged
+    convs: list[str]  # the branch Conv nodes
+    removed: list[str]  # the other nodes that went: maps (BN, Mul, ...) and sums (Add, Sub, Sum)
+    graph: str = "main"
 
 
 @dataclass(frozen=True)
@@ -159,6 +176,7 @@ class Report:
     output_path: str | None = None
     folded: list[FoldedRecord] = field(default_factory=list)
     skipped: list[SkippedRecord] = field(default_factory=list)
+    merged_branches: list[MergedBranchesRecord] = field(default_factory=list)
     ops_before: dict[str, int] = field(default_factory=dict)
     ops_after: dict[str, int] = field(default_factory=dict)
     verification: Verification | None = None

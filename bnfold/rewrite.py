@@ -31,11 +31,13 @@ from bnfold.graph import (
     scoped_subgraphs,
     subgraphs_of,
 )
-from bnfold.report import FoldedRecord, SkippedRecord
+from bnfold.branch_merge import merge_branches, with_branch_reasons
+from bnfold.report import FoldedRecord, MergedBranchesRecord, SkippedRecord
 from bnfold.rules.affine_ops import AffineOp
 from bnfold.rules.chains import LayerPlan, MergePlan, chain_axis, compose, plan_pass
 from bnfold.rules.explain import explain_skipped
 from bnfold.rules.layers import Layer, build_nodes, fold_parameters
+from bnfold.rules.multi_producer import JOIN_OPS
 from bnfold.rules.passthrough import PASSTHROUGH_OPS
 from bnfold.shapes import infer_value_infos
 from bnfold.tensors import TensorStore
@@ -50,6 +52,8 @@ class ChainSegment:
     nodes: list[onnx.NodeProto]  # copies, in data order
     rank: int | None  # rank of the tensor they act on
     spread: tuple[int, int] | None = None  # (inner, length): reached the layer's input through a Flatten/Reshape
+    channels: tuple[int, int] | None = None  # (first, count): the layer's slice of the chain (after a Concat)
+    scale_only: bool = False  # the layer took the chain's scale only (the second layer of an Add)
 
 
 @dataclass
@@ -72,7 +76,8 @@ class Provenance:
 class FoldOutcome:
     folded: list[FoldedRecord] = field(default_factory=list)
     skipped: list[SkippedRecord] = field(default_factory=list)
-    provenance: list[Provenance] = field(default_factory=list)
+    merged_branches: list[MergedBranchesRecord] = field(default_factory=list)
+    provenance: list = field(default_factory=list)  # Provenance, and BranchProvenance of merged branches
     evaluated: list[EvaluatedConstant] = field(default_factory=list)  # with provenance only
     passes: int = 0
 
@@ -113,11 +118,14 @@ class NameRegistry:
         return name
 
 
-def fold_model(model: onnx.ModelProto, keep_provenance: bool = False, store: TensorStore | None = None) -> FoldOutcome:
+def fold_model(model: onnx.ModelProto, keep_provenance: bool = False, store: TensorStore | None = None,
+               merge_branches: bool = True) -> FoldOutcome:
     """Fold every foldable affine chain of `model` in place (the caller owns `model`). New tensor
-    data goes to `store` (see `bnfold.tensors`); without one, it is written into the proto."""
+    data goes to `store` (see `bnfold.tensors`); without one, it is written into the proto.
+    `merge_branches`: also merge sums of linear branches into one Conv (`bnfold.branch_merge`)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     folder = _Folder(model, opset, keep_provenance, store)
+    folder.merge_branches = merge_branches
     with np.errstate(over="ignore"):  # a weight overflowing float16 becomes inf: verification says so
         folder.fold_graph(model.graph, "main", None)
         for function in model.functions:
@@ -141,6 +149,8 @@ class _Folder:
         self.provenance: dict[tuple[str, str], Provenance] = {}
         self.written_by: dict[str, tuple[str, str]] = {}  # tensor name -> key of the record that wrote it
         self.outcome = FoldOutcome()
+        self.merge_branches = True
+        self.joined_records: dict[tuple[str, str], FoldedRecord] = {}
 
     @property
     def value_infos(self) -> dict[str, dict]:
@@ -163,22 +173,29 @@ class _Folder:
         index = build_index()
         if self._replace_constant_batch_norms(graph, index, scope):
             index = build_index()
+        branch_refusals: dict = {}
         for _ in range(MAX_PASSES):
             plan = plan_pass(index)
-            if not plan:
+            if plan:
+                self.outcome.passes += 1
+                cascades = _may_cascade(plan.layers, plan.merges, index)
+                self._apply(graph, index, plan.layers, plan.merges, scope)
+                if not cascades and not _needs_index(graph, self.merge_branches):
+                    return  # no BN left to explain, no subgraph or sum to visit: skip re-indexing a big graph
+                index = build_index()
+                if cascades:
+                    continue
+            if not self.merge_branches:
+                break
+            merged, branch_refusals = merge_branches(self, graph, index, scope)
+            if not merged:
                 break
             self.outcome.passes += 1
-            cascades = _may_cascade(plan.layers, plan.merges, index)
-            self._apply(graph, index, plan.layers, plan.merges, scope)
-            if not cascades and not _needs_index(graph):
-                return  # no BN left to explain, no subgraph to visit: skip re-indexing a big graph
             index = build_index()
-            if not cascades:
-                break
         for path, body in scoped_subgraphs(graph, scope):
             self.fold_graph(body, path, index)
         self._drop_outer_orphans(graph, index)
-        self.outcome.skipped.extend(explain_skipped(index, scope))
+        self.outcome.skipped.extend(with_branch_reasons(explain_skipped(index, scope), branch_refusals))
 
     def _drop_outer_orphans(self, graph: onnx.GraphProto, index: GraphIndex) -> None:
         """Remove this scope's initializers that only a (now folded) subgraph used to read."""
@@ -215,6 +232,11 @@ class _Folder:
             self.outcome.folded.extend(_record(op, into, "forward", scope) for op in chain)
         for merge in merges:
             self._merge_chain(graph, index, merge, scope, replaced, removed, maybe_dead)
+        self.commit(graph, index, replaced, removed, maybe_dead, scope)
+
+    def commit(self, graph: onnx.GraphProto, index: GraphIndex, replaced: dict[int, onnx.NodeProto], removed: set[int],
+               maybe_dead: set[str], scope: str) -> None:
+        """Write one pass's node edits into `graph` and drop the values nobody reads any more."""
         dead_names = _dead_values(index, replaced, removed, maybe_dead)
         self.evaluated_names.difference_update((scope, name) for name in dead_names)
         for name in dead_names & self.written_by.keys():
@@ -266,6 +288,8 @@ class _Folder:
         # A layer folded in an earlier pass is recomputed from its original parameters with the maps
         # composed, so it is still rounded once (and checked against one provenance).
         origin = self.origins.pop((scope, layer.output), None)
+        if origin is None:  # a merged branch sum folded further is checked from its values as stored
+            self.provenance.pop((scope, layer.output), None)
         math_layer = origin.layer if origin else layer
         pre = _then(plan.pre_affine, origin.pre if origin else None)
         post = _then(origin.post if origin else None, plan.post_affine)
@@ -310,13 +334,25 @@ class _Folder:
             if op_position not in replaced:
                 removed.add(op_position)
         into = [layer.node.name or layer.output]
-        self.outcome.folded.extend(_record(op, into, "backward", scope) for op in plan.post)
+        if plan.between and plan.between[0].op_type in JOIN_OPS:
+            self._record_joined(plan, into[0], scope)
+        else:
+            self.outcome.folded.extend(_record(op, into, "backward", scope) for op in plan.post)
         if provenance is not None:
             provenance.written = [n for n in nodes[0].input[1:]] + [n for n in nodes[1:2] for n in n.input[1:]]
             provenance.output = y_name
             self.provenance[(scope, y_name)] = provenance
             self.written_by.update((name, (scope, y_name)) for name in provenance.written)
             self.origins[(scope, y_name)] = _Origin(replace(math_layer, node=_copy(math_layer.node)), pre, post)
+
+    def _record_joined(self, plan: LayerPlan, layer_name: str, scope: str) -> None:
+        """One record per op of a chain folded into several joined layers, listing all of them."""
+        for op in plan.post:
+            record = self.joined_records.get((scope, op.output))
+            if record is None:
+                record = self.joined_records[(scope, op.output)] = _record(op, [], "backward", scope)
+                self.outcome.folded.append(record)
+            record.into.append(layer_name)
 
     @staticmethod
     def _hand_over_chain_output(index: GraphIndex, plan: LayerPlan, nodes: list[onnx.NodeProto],
@@ -387,7 +423,8 @@ class _Folder:
         pre = [ChainSegment([_copy(op.node) for op in plan.pre], index.rank(plan.pre[0].data_input),
                             None if spread is None else (spread.inner, spread.length))] if plan.pre else []
         post_rank = index.rank(plan.between[-1].output[0]) if plan.between else plan.layer.output_rank
-        post = [ChainSegment([_copy(op.node) for op in plan.post], post_rank)] if plan.post else []
+        post = [ChainSegment([_copy(op.node) for op in plan.post], post_rank, None, plan.post_slice,
+                             plan.post_scale_only)] if plan.post else []
         earlier = self.provenance.pop((scope, plan.layer.output), None) if origin else None
         if earlier is not None:  # extend the first fold's record: same original layer, more segments
             return Provenance(scope, earlier.layer_node, earlier.layer_params, pre + earlier.pre, earlier.post + post,
@@ -455,10 +492,13 @@ def _delete_positions(container, positions: Iterable[int]) -> None:
             del container[position:run_end]
 
 
-def _needs_index(graph: onnx.GraphProto) -> bool:
-    """After the last pass, does the scope still need an index: a BN left to explain, or subgraphs
-    (to fold, with this scope as their outer one, and to clean up after)?"""
-    return any(node.op_type == "BatchNormalization" or has_subgraphs(node) for node in graph.node)
+def _needs_index(graph: onnx.GraphProto, merge_branches: bool) -> bool:
+    """After the last pass, does the scope still need an index: a BN left to explain, subgraphs
+    (to fold, with this scope as their outer one, and to clean up after), or sums of branches?"""
+    sums = ("Add", "Sub", "Sum") if merge_branches else ()
+    return any(node.op_type == "BatchNormalization" or node.op_type in sums or has_subgraphs(node)
+               for node in graph.node)
+
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:

@@ -127,8 +127,12 @@ def _run_checker(model: onnx.ModelProto | str, full_check: bool) -> None:
 
 def analytic_checks(folded: onnx.ModelProto, provenance: Sequence[Provenance], store: TensorStore) -> list[TensorCheck]:
     """Compare each written tensor with a float64 recomputation from the original parameters."""
+    from bnfold.verify_branches import branch_checks
+
     tensors = _initializers_by_scope(folded)
-    checks: list[TensorCheck] = []
+    merged = [record for record in provenance if not isinstance(record, Provenance)]
+    provenance = [record for record in provenance if isinstance(record, Provenance)]
+    checks: list[TensorCheck] = branch_checks(merged, tensors, store) if merged else []
     small = _SmallTensorBatch()
     for record, expected in zip(provenance, _expected_parameters(provenance)):
         layer_name = record.layer_node.name or record.output
@@ -288,7 +292,7 @@ def _expected_parameters(provenance: Sequence[Provenance]) -> Iterator[_Expected
     affines, bounds = iter(probed[:len(segments)]), iter(probed[len(segments):])
     for record in provenance:
         pre = [_spread(next(affines), segment) for segment in record.pre]
-        post = [next(affines) for _ in record.post]
+        post = [_restricted(next(affines), segment) for segment in record.post]
         pre_bound = max([_peak(next(bounds).shift) for _ in record.pre], default=0.0)
         post_bound = max([_peak(next(bounds).shift) for _ in record.post], default=0.0)
         try:
@@ -318,6 +322,18 @@ def _peak(values: np.ndarray) -> float:
     """max |values|, 0 when not all finite (then no slack is added)."""
     peak = peak_abs(values)
     return peak if np.isfinite(peak) else 0.0
+
+
+def _restricted(affine: ChannelAffine, segment) -> ChannelAffine:
+    """The part of a chain's map a layer absorbed: its channel slice (after a Concat), or only the
+    scale (the second layer of an Add: the shift went into the first)."""
+    if segment.channels is not None:
+        first, count = segment.channels
+        affine = affine.expanded(max(affine.channels, first + count))
+        affine = ChannelAffine(affine.scale[first:first + count], affine.shift[first:first + count])
+    if segment.scale_only:
+        affine = ChannelAffine(affine.scale, np.zeros_like(affine.shift))
+    return affine
 
 
 def _spread(affine: ChannelAffine, segment) -> ChannelAffine:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import test_branch_refusals
 from builders import GraphBuilder, op_types, random_feeds, run
 from onnx import TensorProto, helper
 
@@ -356,6 +357,9 @@ REASON_TESTS = {
     Reason.OUTPUT_IS_GRAPH_OUTPUT: test_bn_output_that_is_graph_output_is_refused,
     Reason.UNSUPPORTED_ATTRIBUTE: test_bn_before_gemm_trans_a_is_unsupported_attribute,
     Reason.NO_FOLDABLE_NEIGHBOUR: test_bn_between_non_layers_has_no_foldable_neighbour,
+    Reason.BRANCH_GEOMETRY_MISMATCH: test_branch_refusals.test_dilation_and_group_mismatches,
+    Reason.BRANCH_INTERMEDIATE_READ: test_branch_refusals.test_intermediate_value_read_elsewhere,
+    Reason.BRANCH_NOT_LINEAR: test_branch_refusals.test_non_linear_op_inside_a_branch,
 }
 
 

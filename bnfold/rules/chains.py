@@ -22,6 +22,7 @@ from bnfold.fold_math import ChannelAffine, round_to_dtype, spread_affine
 from bnfold.graph import GraphIndex
 from bnfold.rules.affine_ops import AffineOp, is_candidate, match_affine
 from bnfold.rules.layers import LAYER_OPS, Layer, backward_refusal, forward_refusal, match_layer, overflow_refusal
+from bnfold.rules.multi_producer import JOIN_OPS, join_plans, joined_chain_head
 from bnfold.rules.passthrough import PASSTHROUGH_OPS, ChannelSpread, axis_before, spread_after, walk_passthrough
 
 
@@ -35,6 +36,10 @@ class LayerPlan:
     between: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes before `post`
     pre_between: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes after `pre`
     pre_spread: ChannelSpread | None = None  # where `pre`'s channels are at the layer's input
+    # `post` after a Concat/Add joining several layers (`between` is that node): the layer's channel
+    # slice of the chain, or only its scale (`bnfold.rules.multi_producer`).
+    post_slice: tuple[int, int] | None = None
+    post_scale_only: bool = False
 
     @property
     def pre_affine(self) -> ChannelAffine | None:
@@ -102,6 +107,7 @@ def plan_pass(index: GraphIndex) -> PassPlan:
             if post and _worth_folding(layer, post) and overflow_refusal(layer, None, compose(post)) is None:
                 by_layer[layer.output] = LayerPlan(layer, post=post, between=between)
                 claimed.update(op.output for op in post)
+    _plan_joins(index, by_layer, claimed)
     for node in index.nodes:
         if not is_candidate(node) or node.output[0] in claimed or node.output[0] in walked:
             continue
@@ -126,6 +132,24 @@ def plan_pass(index: GraphIndex) -> PassPlan:
             claimed.update(op.output for op in chain)
     plan.layers = list(by_layer.values())
     return plan
+
+
+def _plan_joins(index: GraphIndex, by_layer: dict[str, LayerPlan], claimed: set[str]) -> None:
+    """Chains after a Concat/Add of several layers, folded into each of them."""
+    for node in index.nodes:
+        head = joined_chain_head(node, index) if node.op_type in JOIN_OPS else None
+        if head is None or head.output[0] in claimed:
+            continue
+        chain = walk_forward_chain(head, index, claimed)
+        if not chain or chain[0].data_input != node.output[0]:
+            continue
+        parts = join_plans(node, chain, index, set(by_layer))
+        if parts is None:
+            continue
+        for part in parts:
+            by_layer[part.layer.output] = LayerPlan(part.layer, post=part.chain, between=[node],
+                                                    post_slice=part.channels, post_scale_only=part.scale_only)
+        claimed.update(op.output for op in chain)
 
 
 def walk_backward_chain(layer: Layer, index: GraphIndex) -> tuple[list[onnx.NodeProto], list[AffineOp]]:

@@ -1,0 +1,133 @@
+"""Branch sums that must NOT be merged into one Conv: each is left as it was (numbers unchanged) and
+the identity BN inside says why, with a stable reason code.
+
+    x ─┬─ Conv (stride 1, 3x3, pads 0) ─┐
+       └─ Conv (stride 2, 1x1)  ────────┴─ Add      same output size on a 5x5 input, not the same taps
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from builders import GraphBuilder, op_types, random_feeds, run
+
+import bnfold
+
+
+def fold_unmerged(model: onnx.ModelProto, merges: int = 0) -> bnfold.api.FoldResult:
+    result = bnfold.fold(model)
+    assert len(result.report.merged_branches) == merges
+    feeds = random_feeds(model)
+    for before, after in zip(run(model, feeds), run(result.model, feeds)):
+        np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5)
+    return result
+
+
+def reasons(result: bnfold.api.FoldResult) -> list[str]:
+    return [record.reason.value for record in result.report.skipped]
+
+
+def with_identity(g: GraphBuilder, x: str, branch: str, channels: int) -> onnx.ModelProto:
+    return g.model([g.node("Add", [branch, g.bn(x, channels)])])
+
+
+def test_different_strides_with_the_same_output_size():
+    g = GraphBuilder()
+    x = g.input("x", [1, 4, 5, 5])
+    a = g.bn(g.conv(x, 4, 4, kernel=3), 4)  # 5 -> 3
+    b = g.bn(g.conv(x, 4, 4, kernel=1, strides=[2, 2]), 4)  # 5 -> 3
+    result = fold_unmerged(g.model([g.node("Add", [a, b])]))
+    assert op_types(result.model).count("Conv") == 2
+
+
+def test_padding_that_changes_the_output_size_is_broadcast_not_merged():
+    """[1,C,1,1] + [1,C,3,3]: the Add broadcasts one branch; a merged Conv could not."""
+    g = GraphBuilder()
+    x = g.input("x", [1, 4, 3, 3])
+    a = g.conv(x, 4, 4, kernel=3)  # -> 1x1
+    b = g.conv(x, 4, 4, kernel=3, pads=[1] * 4)  # -> 3x3
+    result = fold_unmerged(g.model([g.node("Add", [g.node("Add", [a, b]), g.bn(x, 4)])]))
+    assert reasons(result) == ["branch_geometry_mismatch"]
+    assert "output sizes" in result.report.skipped[0].detail
+
+
+def test_dilation_and_group_mismatches():
+    for attrs in ({"dilations": [2, 2], "pads": [2] * 4}, {"group": 2, "pads": [1] * 4}):
+        g = GraphBuilder()
+        x = g.input("x", [1, 4, 6, 6])
+        a = g.conv(x, 4, 4, kernel=3, pads=[1] * 4)
+        b = g.conv(x, 4, 4, kernel=3, **attrs)
+        result = fold_unmerged(with_identity(g, x, g.node("Add", [a, b]), 4))
+        assert reasons(result) == ["branch_geometry_mismatch"]
+
+
+def test_same_padding_with_stride_two_is_refused():
+    g = GraphBuilder()
+    x = g.input("x", [1, 4, 6, 6])
+    a = g.conv(x, 4, 4, kernel=3, strides=[2, 2], auto_pad="SAME_UPPER")
+    b = g.conv(x, 4, 4, kernel=1, strides=[2, 2], auto_pad="SAME_UPPER")
+    result = fold_unmerged(g.model([g.node("Add", [a, b])]))
+    assert op_types(result.model) == ["Conv", "Conv", "Add"]
+
+
+def test_intermediate_value_read_elsewhere():
+    g = GraphBuilder()
+    x = g.input("x", [1, 4, 6, 6])
+    conv = g.conv(x, 4, 4, kernel=3, pads=[1] * 4)
+    norm = g.bn(x, 4)
+    result = fold_unmerged(g.model([g.node("Add", [conv, norm]), norm]))  # the BN output is also an output
+    assert reasons(result) == ["branch_intermediate_read"]
+
+
+def test_partial_sum_read_elsewhere():
+    g = GraphBuilder()
+    x = g.input("x", [1, 4, 6, 6])
+    partial = g.node("Add", [g.conv(x, 4, 4, kernel=3, pads=[1] * 4), g.conv(x, 4, 4, kernel=1)])
+    total = g.node("Add", [partial, g.bn(x, 4)])
+    result = fold_unmerged(g.model([total, g.relu(partial)]), merges=1)
+    assert reasons(result) == ["branch_intermediate_read"]
+    # the two Convs still merge below the shared partial sum, which the merged Conv produces
+    assert result.report.merged_branches[0].output == partial
+    assert op_types(result.model) == ["Conv", "BatchNormalization", "Add", "Relu"]
+
+
+def test_branch_reading_another_tensor():
+    g = GraphBuilder()
+    x, z = g.input("x", [1, 4, 6, 6]), g.input("z", [1, 4, 6, 6])
+    result = fold_unmerged(with_identity(g, z, g.conv(x, 4, 4, kernel=3, pads=[1] * 4), 4))
+    assert reasons(result) == ["branch_not_linear"]
+
+
+def test_non_linear_op_inside_a_branch():
+    g = GraphBuilder()
+    x = g.input("x", [1, 4, 6, 6])
+    squared = g.node("Mul", [x, x])
+    result = fold_unmerged(g.model([g.node("Add", [g.conv(x, 4, 4, kernel=3, pads=[1] * 4), g.bn(squared, 4)])]))
+    assert reasons(result) == ["branch_not_linear"]
+
+
+def test_identity_with_fewer_input_than_output_channels():
+    """Conv 1 -> 4 channels plus BN(x) of 1 channel: the Add broadcasts x over the channels."""
+    g = GraphBuilder()
+    x = g.input("x", [1, 1, 6, 6])
+    result = fold_unmerged(with_identity(g, x, g.conv(x, 1, 4, kernel=3, pads=[1] * 4), 1))
+    assert reasons(result) == ["branch_geometry_mismatch"]
+    assert "as many input as output" in result.report.skipped[0].detail
+
+
+def test_identity_beside_a_strided_conv():
+    g = GraphBuilder()
+    x = g.input("x", [1, 4, 1, 1])  # stride 2 on a 1x1 input keeps 1x1: the Add is valid
+    result = fold_unmerged(with_identity(g, x, g.conv(x, 4, 4, kernel=1, strides=[2, 2]), 4))
+    assert reasons(result) == ["branch_geometry_mismatch"]
+
+
+def test_plain_residual_sum_is_no_candidate():
+    """ResNet's Add(conv(relu(conv(x))), x): the branches read different tensors and hold no BN left."""
+    g = GraphBuilder()
+    x = g.relu(g.input("x", [1, 4, 6, 6]))
+    inner = g.conv(g.relu(g.conv(x, 4, 4, kernel=3, pads=[1] * 4)), 4, 4, kernel=3, pads=[1] * 4)
+    model = g.model([g.node("Add", [inner, x])])
+    result = fold_unmerged(model)
+    assert op_types(result.model) == op_types(model)
+    assert not result.report.skipped
