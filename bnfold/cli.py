@@ -90,7 +90,7 @@ def _fail(message: str, code: int = ExitCode.BAD_INPUT) -> None:
 
 
 @click.group(cls=_DefaultToFold, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="bnfold")
+@click.version_option(package_name="bnfold", prog_name="bnfold")  # also under `python -m bnfold`
 def main() -> None:
     """Fold BatchNormalization into neighbouring layers of ONNX models, and verify the result.
 
