@@ -1,4 +1,5 @@
-"""Many models at once: discovery, one independent job per model, optional worker processes.
+"""Many models at once: discovery, one independent job per model, run here, in worker processes,
+or on any `concurrent.futures.Executor` the caller brings (docs/batch.md).
 
 A model that fails (bad input, failed verification, even an unexpected crash) yields its own exit
 code and message; it never stops the others. The overall exit code is the worst one.
@@ -8,14 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bnfold.errors import BadInputError, BnfoldError
+from bnfold.errors import BadInputError, BnfoldError, ExitCode, first_line
 from bnfold.report import Report
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 @dataclass
@@ -35,6 +34,10 @@ class JobResult:
     report: Report | None = None
     error: str | None = None
     findings: list[str] = field(default_factory=list)  # check mode: one line per problem
+
+    def __post_init__(self) -> None:
+        # A plain int: it goes into JSON, crosses process boundaries and is printed in tables.
+        self.exit_code = int(self.exit_code)
 
 
 def discover(paths: Iterable[Path], skip_folded: bool = True) -> list[Path]:
@@ -63,22 +66,29 @@ def run_job(job: Job) -> JobResult:
             findings += [f"{r.node}: BatchNormalization in training mode" for r in checked.training]
             if not checked.report.passed:
                 findings += [f"verification: {line}" for line in checked.report.verification.failures()]
-            return JobResult(job.model, EXIT_OK if checked.clean else EXIT_FAILED, checked.report, None, findings)
+            return JobResult(job.model, ExitCode.OK if checked.clean else ExitCode.FAILED, checked.report, None, findings)
         # Written through a temporary file that is verified as written, then renamed into place.
         result = api.fold(job.model, raise_on_failure=False, output=job.output, **job.options)
         if not result.report.passed:
-            return JobResult(job.model, EXIT_FAILED, result.report, "verification failed; nothing written")
-        return JobResult(job.model, EXIT_OK, result.report)
+            return JobResult(job.model, ExitCode.FAILED, result.report, "verification failed; nothing written")
+        return JobResult(job.model, ExitCode.OK, result.report)
     except BnfoldError as error:
         return JobResult(job.model, error.exit_code, getattr(error, "report", None), str(error))
     except MemoryError:
-        return JobResult(job.model, EXIT_BAD_INPUT, None, f"{job.model}: out of memory")
+        return JobResult(job.model, ExitCode.BAD_INPUT, None, f"{job.model}: out of memory")
     except Exception as error:  # noqa: BLE001 - one broken model must not stop the batch
-        return JobResult(job.model, EXIT_BAD_INPUT, None, f"{job.model}: unexpected error: {type(error).__name__}: {error}")
+        return JobResult(job.model, ExitCode.BAD_INPUT, None,
+                         f"{job.model}: unexpected error: {type(error).__name__}: {first_line(error)}")
 
 
-def run_jobs(jobs: list[Job], workers: int = 1, on_done: Callable[[JobResult], None] | None = None) -> list[JobResult]:
-    """Results in job order; with `workers` > 1 the jobs run in separate processes."""
+def run_jobs(jobs: list[Job], workers: int = 1, on_done: Callable[[JobResult], None] | None = None,
+             executor: Executor | None = None) -> list[JobResult]:
+    """Results in job order. With `executor` (any `concurrent.futures.Executor`: a process pool,
+    Dask's `Client.get_executor()`, ...) every job is submitted to it, and it stays open: it is the
+    caller's. Otherwise `workers` > 1 runs the jobs in a process pool of that size, and 1 runs them
+    here, one after the other. `on_done` sees each result as it arrives."""
+    if executor is not None:
+        return _run_on(executor, jobs, on_done)
     if workers <= 1 or len(jobs) <= 1:
         results = []
         for job in jobs:
@@ -86,18 +96,24 @@ def run_jobs(jobs: list[Job], workers: int = 1, on_done: Callable[[JobResult], N
             if on_done:
                 on_done(results[-1])
         return results
-    by_job: dict[int, JobResult] = {}
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs), os.cpu_count() or 1)) as pool:
-        futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
-        for future in as_completed(futures):
-            position = futures[future]
-            try:
-                by_job[position] = future.result()
-            except Exception as error:  # noqa: BLE001 - a worker killed by the OS, say
-                by_job[position] = JobResult(jobs[position].model, EXIT_BAD_INPUT, None,
-                                             f"{jobs[position].model}: worker failed: {error}")
-            if on_done:
-                on_done(by_job[position])
+        return _run_on(pool, jobs, on_done)
+
+
+def _run_on(executor: Executor, jobs: list[Job], on_done: Callable[[JobResult], None] | None) -> list[JobResult]:
+    """Submit every job, collect the results as they complete; a job whose worker died (or that the
+    executor could not run) becomes a bad-input result for its model, never an exception."""
+    by_job: dict[int, JobResult] = {}
+    futures = {executor.submit(run_job, job): i for i, job in enumerate(jobs)}
+    for future in as_completed(futures):
+        position = futures[future]
+        try:
+            by_job[position] = future.result()
+        except Exception as error:  # noqa: BLE001 - a worker killed by the OS, an unpicklable job, ...
+            by_job[position] = JobResult(jobs[position].model, ExitCode.BAD_INPUT, None,
+                                         f"{jobs[position].model}: worker failed: {first_line(error)}")
+        if on_done:
+            on_done(by_job[position])
     return [by_job[i] for i in range(len(jobs))]
 
 
@@ -120,6 +136,3 @@ def output_paths(models: list[Path], output: Path | None, many: bool, in_place: 
         raise BadInputError(f"-o {output}: cannot create the output folder ({error.strerror})") from None
     return [output / name for name in names]
 
-
-def worst(codes: Iterable[int]) -> int:
-    return max(codes, default=EXIT_OK)

@@ -1,32 +1,72 @@
 """The `bnfold` command: parse flags, call the API, render, map outcomes to exit codes.
 
-Exit codes: 0 success (also nothing to fold), 1 verification failed (nothing written) or, for
-`check`, foldable/training BNs found, 2 usage error or bad input (one line on stderr).
+Exit codes (`bnfold.errors.ExitCode`): 0 success (also nothing to fold), 1 verification failed
+(nothing written) or, for `check`, foldable/training BNs found, 2 usage error or bad input (one line
+on stderr), 128 + N when ended by signal N.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import click
 
 from bnfold import batch, render
-from bnfold.errors import BadInputError, BnfoldError
+from bnfold.errors import BadInputError, BnfoldError, ExitCode, check_tolerance, worst_exit_code
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+ERROR_PREFIX = "bnfold: error: "
+
+
+class OneLineUsageError(click.ClickException):
+    """A usage error shown as one line on stderr, like every other bad input (click's own shows
+    a usage block, a hint and the message on three lines)."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+    def __init__(self, error: click.ClickException) -> None:
+        message = " ".join(error.format_message().split())  # messages listing choices span lines
+        context = getattr(error, "ctx", None)
+        if context is not None:
+            message += f" (see '{context.command_path} --help')"
+        super().__init__(message)
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(ERROR_PREFIX + self.format_message(), err=True)
+
+
+@contextmanager
+def _usage_errors_on_one_line() -> Iterator[None]:
+    try:
+        yield
+    except OneLineUsageError:
+        raise
+    except click.ClickException as error:
+        raise OneLineUsageError(error) from None
 
 
 class _DefaultToFold(click.Group):
     """`bnfold MODEL` means `bnfold fold MODEL`: the first argument picks a subcommand only if it
-    names one."""
+    names one. Parsing errors of the group and its commands are shown on one line."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+        # A bare `bnfold` is `bnfold fold` without a model: a one-line usage error, not the help page.
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h", "--version")):
             args = ["fold", *args]
         return super().parse_args(ctx, args)
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        with _usage_errors_on_one_line():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _usage_errors_on_one_line():  # the subcommand's options are parsed here
+            return super().invoke(ctx)
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
@@ -44,13 +84,13 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
     return shapes
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    click.echo(f"bnfold: error: {message}", err=True)
+def _fail(message: str, code: int = ExitCode.BAD_INPUT) -> None:
+    click.echo(ERROR_PREFIX + message, err=True)
     sys.exit(code)
 
 
 @click.group(cls=_DefaultToFold, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="bnfold")
+@click.version_option(package_name="bnfold", prog_name="bnfold")  # also under `python -m bnfold`
 def main() -> None:
     """Fold BatchNormalization into neighbouring layers of ONNX models, and verify the result.
 
@@ -90,8 +130,7 @@ def _fold_options(verify: bool, input_shape, seed, iterations, inputs_npz, atol,
                   save_outputs, no_merge_branches: bool = False) -> dict:
     """Validated keyword arguments for bnfold.fold; BadInputError for malformed values."""
     for flag, value in (("--atol", atol), ("--rtol", rtol)):
-        if value is not None and not (value >= 0 and math.isfinite(value)):
-            raise BadInputError(f"{flag} {value}: must be a finite, non-negative number")
+        check_tolerance(flag, value)
     options = {"verify": verify, "seed": seed, "input_shapes": parse_input_shapes(input_shape), "atol": atol,
                "rtol": rtol, "iterations": iterations,
                "providers": [p.strip() for p in providers.split(",") if p.strip()],
@@ -137,8 +176,8 @@ def _emit(results: list[batch.JobResult], as_json: bool, report_md: Path | None,
         try:
             report_md.write_text(text)
         except OSError as error:
-            click.echo(f"bnfold: error: --report-md {report_md}: {error.strerror or error}", err=True)
-            return EXIT_BAD_INPUT
+            click.echo(f"{ERROR_PREFIX}--report-md {report_md}: {error.strerror or error}", err=True)
+            return ExitCode.BAD_INPUT
     if as_json:
         click.echo(render.results_to_json(results, mode, many))
     for result in results:
@@ -150,10 +189,17 @@ def _emit(results: list[batch.JobResult], as_json: bool, report_md: Path | None,
         if mode == "check" and quiet and not as_json and result.findings:
             click.echo("\n".join(f"{result.model}: {line}" for line in result.findings))
         if result.error:
-            click.echo(f"bnfold: error: {result.error}", err=True)
+            click.echo(ERROR_PREFIX + _naming_the_model(result), err=True)
     if many and not as_json and not quiet:
         click.echo(render.summary_table(results, mode))
-    return batch.worst(r.exit_code for r in results)
+    return worst_exit_code(r.exit_code for r in results)
+
+
+def _naming_the_model(result: batch.JobResult) -> str:
+    """A model's error line on stderr, which is read apart from the reports on stdout: it names the
+    model unless the message already starts with it."""
+    error = result.error or ""
+    return error if error.startswith(str(result.model)) else f"{result.model}: {error}"
 
 
 @main.command("fold")
@@ -183,10 +229,7 @@ def fold_command(models: tuple[Path, ...], output: Path | None, in_place: bool, 
     except BnfoldError as error:
         _fail(str(error), error.exit_code)
     job_list = [batch.Job(path, target, "fold", options) for path, target in zip(paths, targets)]
-    code = _emit(_run(job_list, jobs, quiet), as_json, report_md, quiet, verbose, "fold", many)
-    if code == EXIT_FAILED and not as_json:
-        click.echo("bnfold: verification failed; nothing written for the failing model(s)", err=True)
-    sys.exit(code)
+    sys.exit(_emit(_run(job_list, jobs, quiet), as_json, report_md, quiet, verbose, "fold", many))
 
 
 @main.command("check")

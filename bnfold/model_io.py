@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from bnfold.errors import BadInputError
+from bnfold.errors import BadInputError, first_line
 from bnfold.serialize import DataFile, estimated_size, raw_size, write_model
 from bnfold.tensors import TensorStore
 
@@ -35,10 +35,6 @@ class LoadedModel:
     path: Path
     external_files: set[Path]  # data files the input reads (never written by bnfold)
     store: TensorStore  # reads them, and holds folded tensors until they are written
-
-    @property
-    def uses_external_data(self) -> bool:
-        return bool(self.external_files)
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
@@ -60,7 +56,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as error:
-        raise BadInputError(f"{path}: not an ONNX model ({_first_line(error) or 'protobuf parse failed'})") from None
+        raise BadInputError(f"{path}: not an ONNX model ({first_line(error) or 'protobuf parse failed'})") from None
     except OSError as error:
         raise BadInputError(f"{path}: cannot read ({error})") from None
     if not model.HasField("graph") or model.ir_version == 0:
@@ -116,7 +112,7 @@ def check_structure(model: onnx.ModelProto, label: str) -> list[onnx.TensorProto
     try:
         onnx.checker.check_model(checked)
     except (onnx.checker.ValidationError, ValueError) as error:
-        raise BadInputError(f"{label}: invalid model: {_first_line(error)}") from None
+        raise BadInputError(f"{label}: invalid model: {first_line(error)}") from None
     return tensors
 
 
@@ -159,11 +155,6 @@ def _scan_nodes(nodes: Iterable[onnx.NodeProto], tensors: list[onnx.TensorProto]
 
 
 _KNOWN_TYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.TensorProto.UNDEFINED)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _external_files(tensors: list[onnx.TensorProto], base: Path) -> set[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from bnfold.errors import first_line, worst_exit_code
 from bnfold.report import JSON_SCHEMA_VERSION, Report
 
 
@@ -21,10 +22,6 @@ def _finite_json(value):
 
 def _dumps(data: dict) -> str:
     return json.dumps(_finite_json(data), indent=2, default=str, allow_nan=False)
-
-
-def to_json(report: Report) -> str:
-    return _dumps(report.to_dict())
 
 
 def _op_rows(report: Report) -> list[tuple[str, int, int]]:
@@ -111,7 +108,7 @@ def results_to_json(results: list, command: str, many: bool) -> str:
     if not many:
         return _dumps(_result_dict(results[0], command))
     data = {"schema_version": JSON_SCHEMA_VERSION, "command": command,
-            "exit_code": max((r.exit_code for r in results), default=0),
+            "exit_code": worst_exit_code(r.exit_code for r in results),
             "models": [_result_dict(r, command) for r in results]}
     return _dumps(data)
 
@@ -123,17 +120,24 @@ def check_text(result) -> str:
     return "\n".join([f"{result.model}: {len(result.findings)} problem(s)"] + [f"  {line}" for line in result.findings])
 
 
+def _summary_outcome(result, command: str) -> str:
+    if result.error:
+        return first_line(result.error)
+    if command == "check":
+        return "ok" if not result.findings else f"{len(result.findings)} problem(s)"
+    return "folded" if result.report and result.report.folded else "nothing to fold"
+
+
 def summary_table(results: list, command: str) -> str:
-    """The table at the end of a run over several models."""
-    lines = [f"{'model':<48}{'BN before':>10}{'BN after':>10}{'exit':>6}  result"]
-    for r in results:
-        before = r.report.ops_before.get("BatchNormalization", 0) if r.report else "-"
-        after = r.report.ops_after.get("BatchNormalization", 0) if r.report else "-"
-        if r.error:
-            outcome = r.error.splitlines()[0]
-        elif command == "check":
-            outcome = "ok" if not r.findings else f"{len(r.findings)} problem(s)"
-        else:
-            outcome = "folded" if r.report and r.report.folded else "nothing to fold"
-        lines.append(f"{r.model!s:<48}{before!s:>10}{after!s:>10}{r.exit_code:>6}  {outcome}")
-    return "\n".join(lines)
+    """The table at the end of a run over several models; each column as wide as its widest cell,
+    so long model paths do not push the numbers out of line."""
+    header = ("model", "BN before", "BN after", "exit", "result")
+    rows = [(str(r.model),
+             str(r.report.ops_before.get("BatchNormalization", 0)) if r.report else "-",
+             str(r.report.ops_after.get("BatchNormalization", 0)) if r.report else "-",
+             str(r.exit_code), _summary_outcome(r, command)) for r in results]
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(4)]
+    # The model left-aligned, the numbers right-aligned, two spaces between columns; the outcome,
+    # the last column, is not padded.
+    return "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}  "
+                     f"{row[4]}".rstrip() for row in [header, *rows])

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bnfold.errors import BadInputError
+from bnfold.errors import BadInputError, check_tolerance, first_line
 from bnfold.fold_math import is_bfloat16, is_float
 from bnfold.model_io import EXTERNAL_ABOVE_BYTES, save_model_atomic
 from bnfold.report import OutputCheck, Verification
@@ -127,8 +127,7 @@ class RunConfig:
         if self.iterations < 1:
             raise BadInputError(f"iterations must be at least 1, got {self.iterations}")
         for name, value in (("atol", self.atol), ("rtol", self.rtol)):
-            if value is not None and not (np.isfinite(value) and value >= 0):
-                raise BadInputError(f"{name} must be a finite number >= 0, got {value}")
+            check_tolerance(name, value)
 
 
 def feed_sets(inputs: list[onnx.ValueInfoProto], config: RunConfig) -> tuple[list[dict[str, np.ndarray]], dict]:
@@ -194,7 +193,7 @@ def compare_outputs(original, folded: onnx.ModelProto, result: Verification, con
             candidate = folded if folded_file is None else onnx.load(str(folded_file))
             names, references, candidates = _run_reference_evaluator(original, candidate, batches, store)
         except Exception as error:  # noqa: BLE001 - the evaluator cannot run it either: say both
-            result.runtime_status = f"not run: {why}; onnx reference evaluator: {_line(error)}"
+            result.runtime_status = f"not run: {why}; onnx reference evaluator: {first_line(error)}"
             return
         result.runtime_engine = f"onnx reference evaluator ({why})"
     except RuntimeError as error:
@@ -228,7 +227,7 @@ def _run_onnxruntime(original, folded, batches, config: RunConfig, defaulted, re
         try:
             reference_session = session(original, folder)
         except Exception as error:  # noqa: BLE001 - whatever onnxruntime raises
-            raise _CannotRun(f"onnxruntime cannot load the original model: {_line(error)}") from None
+            raise _CannotRun(f"onnxruntime cannot load the original model: {first_line(error)}") from None
         names = [o.name for o in reference_session.get_outputs()]
         try:
             references = [reference_session.run(None, feeds) for feeds in batches]
@@ -239,7 +238,7 @@ def _run_onnxruntime(original, folded, batches, config: RunConfig, defaulted, re
                 name, dims = next(iter(defaulted.items()))
                 hint = (f" on default input shapes {result.input_shapes} (symbolic dims of '{name}': {', '.join(dims)};"
                         f" choose them with --input-shape {name}:D0,D1,...)")
-            raise _CannotRun(f"onnxruntime cannot run the original model{hint}: {_line(error)}") from None
+            raise _CannotRun(f"onnxruntime cannot run the original model{hint}: {first_line(error)}") from None
         del reference_session
         candidates: dict[str, list] = {}  # "" is the CPU comparison every run makes
         for label, provider in [("", "CPUExecutionProvider"), *((p, p) for p in config.providers)]:
@@ -248,17 +247,17 @@ def _run_onnxruntime(original, folded, batches, config: RunConfig, defaulted, re
                 candidates[label] = [candidate_session.run(names, feeds) for feeds in batches]
             except Exception as error:  # noqa: BLE001
                 raise RuntimeError(f"failed: onnxruntime ({provider}) cannot run the folded model: "
-                                   f"{_line(error)}") from None
+                                   f"{first_line(error)}") from None
     return names, references, candidates
 
 
 def _raise_for_shapes(config: RunConfig, error: Exception) -> None:
     """Arrays or shapes the user gave that onnxruntime rejects are bad input (exit 2)."""
     if config.inputs is not None:
-        raise BadInputError(f"onnxruntime rejected the --inputs arrays: {_line(error)}") from None
+        raise BadInputError(f"onnxruntime rejected the --inputs arrays: {first_line(error)}") from None
     if config.input_shapes:
         raise BadInputError(f"onnxruntime rejected the --input-shape values {config.input_shapes}: "
-                            f"{_line(error)}") from None
+                            f"{first_line(error)}") from None
 
 
 def _run_reference_evaluator(original, folded: onnx.ModelProto, batches, store):
@@ -345,8 +344,3 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol
 def default_tolerance(elem_type: int) -> tuple[float, float]:
     """(rtol, atol) for an output of this element type; integers and bools compare exactly."""
     return TOLERANCES.get(elem_type, EXACT)
-
-
-def _line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__

@@ -24,6 +24,7 @@ import onnx
 
 from bnfold.affine_probe import magnitude_constants, probe_affines, probe_spec
 from bnfold.constants import EvaluatedConstant, recompute
+from bnfold.errors import first_line
 from bnfold.fold_math import ChannelAffine, is_bfloat16, spread_affine
 from bnfold.graph import function_graph, function_scope, scoped_subgraphs
 from bnfold.report import TensorCheck, Verification
@@ -95,7 +96,7 @@ def _check_model(folded: onnx.ModelProto, original: ModelSource, store: TensorSt
         _run_checker(folded, full_check=True)
         return True, "ok"
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as error:
-        strict_error = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        strict_error = first_line(error)
     # Strict shape inference also fails on some valid exports (custom ops): if the original fails it
     # too, the fold did not cause it, and the folded model must still pass the plain checker.
     try:
@@ -105,7 +106,7 @@ def _check_model(folded: onnx.ModelProto, original: ModelSource, store: TensorSt
             _run_checker(folded, full_check=False)
             return True, f"ok (strict shape inference fails on the original too: {strict_error})"
         except (onnx.checker.ValidationError, ValueError) as error:
-            return False, str(error).strip().splitlines()[0]
+            return False, first_line(error)
     return False, strict_error
 
 
@@ -137,7 +138,7 @@ def analytic_checks(folded: onnx.ModelProto, provenance: Sequence[Provenance], s
     for record, expected in zip(provenance, _expected_parameters(provenance)):
         layer_name = record.layer_node.name or record.output
         if isinstance(expected, Exception):  # never a traceback, never a pass: each tensor fails
-            why = f"not recomputed: {type(expected).__name__}: {str(expected).splitlines()[0] if str(expected) else ''}"
+            why = f"not recomputed: {type(expected).__name__}: {first_line(expected)}"
             checks.extend(TensorCheck(name, layer_name, float("inf"), False, why[:200]) for name in record.written)
             continue
         for slot, (name, values) in enumerate(zip(record.written, expected.params)):

@@ -14,6 +14,7 @@ import onnx
 from bnfold.affine_probe import probe_affines, probe_spec
 from bnfold.branch_math import ConvBranch, evaluate, magnitude
 from bnfold.branch_merge import BranchProvenance
+from bnfold.errors import first_line
 from bnfold.report import TensorCheck
 from bnfold.rules.branches import conv_branch
 from bnfold.rules.refusal import Refusal
@@ -29,7 +30,7 @@ def branch_checks(records: Sequence[BranchProvenance], tensors: dict[tuple[str, 
         try:
             expected, floor = _expected(record)
         except Exception as error:  # noqa: BLE001 - never a traceback, never a pass
-            why = f"not recomputed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            why = f"not recomputed: {type(error).__name__}: {first_line(error)}"
             checks.extend(TensorCheck(name, layer_name, float("inf"), False, why[:200]) for name in record.written)
             continue
         for name, values in zip(record.written, expected):

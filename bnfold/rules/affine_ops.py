@@ -27,9 +27,6 @@ from bnfold.graph import GraphIndex, attribute
 from bnfold.report import Reason
 from bnfold.rules.refusal import Refusal
 
-FLOAT_TYPES = frozenset(
-    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-)
 ARITHMETIC_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
 
 
