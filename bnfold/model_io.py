@@ -244,9 +244,10 @@ def _write_errors(path: Path) -> Iterator[None]:
 
 def _temp_file(folder: Path, name: str, temp_files: list[str]) -> str:
     """A hidden temporary file in `folder` with the permissions a plain new file would get."""
-    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    with interrupts.deferred():  # a signal between creating and recording it would leave it behind
+        fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        temp_files.append(temp)
     os.close(fd)
-    temp_files.append(temp)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; an output file should look like any other
