@@ -78,3 +78,21 @@ def test_signal_during_start_up(tmp_path, signum):
     _wait_for(process, lambda: _catches(process.pid, signal.SIGTERM))
     process.send_signal(signum)
     _assert_clean_exit(process, signum, model, output, temp, tmp_path)
+
+
+def test_signal_stops_worker_processes_too(tmp_path):
+    """With -j 2 the models are folded in worker processes: the command must not wait for them to
+    finish (and write their outputs) after it was told to stop."""
+    models = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    for path, sample in zip(models, ["resnet_tiny.onnx", "bn_first.onnx"]):
+        shutil.copyfile(SAMPLES_DIR / sample, path)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "bnfold", *map(str, models), "-j", "2", "-o", str(out),
+                                "--iterations", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(process, lambda: out.is_dir() and any(p.name.endswith(".tmp") for p in out.iterdir()))
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=WAIT_SECONDS)
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines() == [
+        "bnfold: interrupted (SIGTERM); unfinished outputs not written, temporary files removed"]
+    assert list(out.iterdir()) == []
