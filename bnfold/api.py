@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bnfold import conformance
+from bnfold import conformance, file_access
 from bnfold.errors import BadInputError, VerificationError
-from bnfold.model_io import check_structure, check_supported, load_model, save_model_atomic
+from bnfold.model_io import check_structure, check_supported, load_model, model_tensors, save_model_atomic
 from bnfold.report import Reason, Report, Verification, op_counts
 from bnfold.rewrite import fold_model
 from bnfold.runtime import RunConfig
@@ -35,6 +35,7 @@ class FoldResult:
     external_data: bool = False  # save with external data (the input had it)
     protected_files: set[Path] = field(default_factory=set)  # the input's data files
     store: TensorStore = field(default_factory=TensorStore)
+    input_path: Path | None = None  # the input model's file (written only in place)
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -43,12 +44,14 @@ class FoldResult:
         return self._model
 
     def save(self, path: str | os.PathLike, external_data: bool | None = None,
-             accept: Callable[[Path | None], bool] | None = None) -> Path | None:
-        """Write atomically; external data goes to a fresh `<path>.data`, never the input's file.
-        `accept` may veto the complete temporary file before it replaces anything (see
-        `save_model_atomic`); the saved path, or None when it did."""
+             accept: Callable[[Path | None], bool] | None = None, *, in_place: bool = False) -> Path | None:
+        """Write atomically; external data goes to a fresh `<path>.data`, never a file the input
+        reads. `path` may be the input model only with `in_place`. `accept` may veto the complete
+        temporary file before it replaces anything (see `save_model_atomic`); the saved path, or
+        None when it did."""
         use_external = self.external_data if external_data is None else external_data
-        saved = save_model_atomic(self._model, path, use_external, self.protected_files, self.store, accept)
+        saved = save_model_atomic(self._model, path, use_external, self.protected_files, self.store, accept,
+                                  input_model=self.input_path, in_place=in_place)
         if saved is not None:
             self.report.output_path = str(saved)
         return saved
@@ -59,7 +62,7 @@ def _open(model: ModelSource) -> tuple[onnx.ModelProto, ModelSource, Path | None
     and the store that reads its tensors."""
     if isinstance(model, onnx.ModelProto):
         check_supported(model, "model")
-        check_structure(model, "model")
+        check_structure(model, "model", lambda tensors: file_access.refuse_external_data(tensors, "model"))
         working = onnx.ModelProto()
         working.CopyFrom(model)
         return working, model, None, set(), TensorStore()
@@ -86,6 +89,7 @@ def fold(
     raise_on_failure: bool = True,
     output: str | os.PathLike | None = None,
     merge_branches: bool = True,
+    in_place: bool = False,
 ) -> FoldResult:
     """Fold every exactly-foldable BatchNormalization (and per-channel Mul/Add) of `model`.
 
@@ -96,21 +100,26 @@ def fold(
     onnxruntime runs the complete temporary file, which replaces `output` only if it passed
     (nothing is written otherwise; `result.report.output_path` says where it went).
     `merge_branches`: merge sums of linear branches reading one tensor (RepVGG, MobileOne, ...)
-    into one Conv (see docs/branch_merging.md).
+    into one Conv (see docs/branch_merging.md). `output` may be the input model's path only with
+    `in_place=True` (a symlink's target is replaced, the link stays); it may never be one of the
+    input's external data files.
     """
     config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, list(providers),
                        save_inputs, save_outputs) if verify else None  # checks the options before any work
     working, original, path, protected, store = _open(model)
+    if output is not None:  # before any work: a refused output must not cost a fold
+        file_access.output_target(Path(output), path, protected, in_place)
     report = Report(input_path=None if path is None else str(path), ops_before=op_counts(working))
     report.repairs = conformance.repair(working)  # before folding: new initializers are listed the same way
     outcome = fold_model(working, keep_provenance=verify, store=store, merge_branches=merge_branches)
     report.folded, report.skipped, report.passes = outcome.folded, outcome.skipped, outcome.passes
     report.merged_branches = outcome.merged_branches
     report.ops_after = op_counts(working)
-    result = FoldResult(working, report, external_data=bool(protected), protected_files=protected, store=store)
+    result = FoldResult(working, report, external_data=bool(protected), protected_files=protected, store=store,
+                        input_path=path)
     if not verify:
         if output is not None:
-            result.save(output)
+            result.save(output, in_place=in_place)
         return result
 
     def verified(written: Path | None) -> bool:
@@ -121,7 +130,7 @@ def fold(
     if output is None:
         verified(None)
     else:
-        result.save(output, accept=verified)
+        result.save(output, accept=verified, in_place=in_place)
     if raise_on_failure and not report.verification.passed:
         raise VerificationError("verification failed: " + "; ".join(report.verification.failures()), report)
     return result
@@ -140,11 +149,14 @@ def verify(
     off). Raises `VerificationError` when they differ; returns the per-output numbers otherwise."""
     folded_file = None
     if isinstance(folded, onnx.ModelProto):
+        file_access.refuse_external_data(model_tensors(folded), "folded model")
         folded_model, store = folded, TensorStore()
     else:
         loaded = load_model(folded)
         folded_model, store, folded_file = loaded.model, loaded.store, loaded.path
-    if not isinstance(original, onnx.ModelProto):
+    if isinstance(original, onnx.ModelProto):
+        file_access.refuse_external_data(model_tensors(original), "original model")
+    else:
         original = load_model(original).path
     config = RunConfig(seed, dict(input_shapes or {}), atol, rtol)
     result = _verify(original, folded_model, config=config, store=store, folded_file=folded_file)

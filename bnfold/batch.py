@@ -7,8 +7,9 @@ code and message; it never stops the others. The overall exit code is the worst 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,8 @@ def run_jobs(jobs: list[Job], workers: int = 1, on_done: Callable[[JobResult], N
             if on_done:
                 on_done(results[-1])
         return results
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs), os.cpu_count() or 1)) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs), os.cpu_count() or 1)) as pool, \
+            _stop_on_interrupt(pool):
         return _run_on(pool, jobs, on_done)
 
 
@@ -115,6 +117,19 @@ def _run_on(executor: Executor, jobs: list[Job], on_done: Callable[[JobResult], 
         if on_done:
             on_done(by_job[position])
     return [by_job[i] for i in range(len(jobs))]
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(pool: ProcessPoolExecutor) -> Iterator[None]:
+    """On a signal (bnfold.interrupts.Interrupted) the workers are stopped too — they remove their
+    own temporary files — instead of being waited for while they finish and write their models."""
+    try:
+        yield
+    except BaseException:
+        for process in list((pool._processes or {}).values()):  # no public way to stop a running job
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
 
 
 def output_paths(models: list[Path], output: Path | None, many: bool, in_place: bool) -> list[Path]:

@@ -215,6 +215,8 @@ def fold_command(models: tuple[Path, ...], output: Path | None, in_place: bool, 
     fails is not written."""
     try:
         options = _fold_options(not no_verify, **verification)
+        if in_place:  # the API replaces an input only when told to
+            options["in_place"] = True
         _check_writable(report_md, "--report-md")
         paths = batch.discover(models)
         many = len(paths) > 1 or any(m.is_dir() for m in models)
@@ -225,7 +227,7 @@ def fold_command(models: tuple[Path, ...], output: Path | None, in_place: bool, 
         targets = batch.output_paths(paths, output, many, in_place)
         for path, target in zip(paths, targets):
             if not in_place:
-                _check_target(path, target)
+                _check_target(path, target, many)
     except BnfoldError as error:
         _fail(str(error), error.exit_code)
     job_list = [batch.Job(path, target, "fold", options) for path, target in zip(paths, targets)]
@@ -262,7 +264,10 @@ def _check_writable(path: Path | None, flag: str) -> None:
         raise BadInputError(f"{flag} {path}: cannot write there")
 
 
-def _check_target(model: Path, target: Path) -> None:
+def _check_target(model: Path, target: Path, many: bool) -> None:
+    """Refuse an unusable output before any work (the API checks again, with the input's data files)."""
+    if not many and target.is_dir():
+        raise BadInputError(f"-o {target}: is a folder: give a file name, or pass several models")
     if target.exists() and model.exists() and target.resolve() == model.resolve():
         raise BadInputError(f"{target}: output equals the input; pass --in-place to overwrite it")
     folder = target.parent if str(target.parent) else Path(".")

@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from bnfold import file_access, interrupts
 from bnfold.errors import BadInputError, first_line
 from bnfold.serialize import DataFile, estimated_size, raw_size, write_model
 from bnfold.tensors import TensorStore
@@ -40,10 +41,7 @@ class LoadedModel:
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Read an ONNX model and its external data; BadInputError for anything unusable."""
     path = Path(path)
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise BadInputError(f"{path}: is a directory, not an ONNX file")
+    file_access.check_model_file(path)  # before opening: a FIFO would block, a device never end
     try:
         with open(path, "rb") as handle:
             head = handle.read(len(LFS_POINTER_PREFIX))
@@ -62,11 +60,12 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if not model.HasField("graph") or model.ir_version == 0:
         raise BadInputError(f"{path}: not an ONNX model (no graph or IR version)")
     check_supported(model, str(path))
-    tensors = check_structure(model, str(path))
-    external = _external_files(tensors, path.parent)
-    missing = sorted(str(p) for p in external if not p.is_file())
-    if missing:
-        raise BadInputError(f"{path}: external data file missing: {missing[0]}")
+    external: set[Path] = set()
+
+    def confine(tensors: list[onnx.TensorProto]) -> None:
+        external.update(file_access.check_external_data(tensors, path))
+
+    check_structure(model, str(path), confine)
     # External data stays in its files: tensors are read when a rule needs them, and streamed from
     # there when the result is written (bnfold.tensors).
     return LoadedModel(model, path, external, TensorStore(path.parent))
@@ -83,21 +82,22 @@ def check_supported(model: onnx.ModelProto, label: str) -> None:
             raise BadInputError(f"{label}: opset {opset.version} is newer than this onnx supports ({newest})")
 
 
-def check_structure(model: onnx.ModelProto, label: str) -> list[onnx.TensorProto]:
+def check_structure(model: onnx.ModelProto, label: str,
+                    check_tensors: Callable[[list[onnx.TensorProto]], None] | None = None) -> list[onnx.TensorProto]:
     """onnx.checker on the model's skeleton: every node, attribute, name and small tensor is checked,
     while big weights are replaced by empty stand-ins — the checker would otherwise serialise a
     full copy of them (seconds and gigabytes on large models) to learn nothing about the graph.
-    Returns every tensor of the model (initializers and attribute tensors of all scopes), which the
-    name check walks past anyway."""
+    Returns every tensor of the model (initializers, attribute tensors and the parts of sparse
+    tensors, of all scopes), which the name check walks past anyway, after `check_tensors` has
+    seen them."""
     from bnfold.conformance import list_initializers_as_inputs, unlisted_initializers
     from bnfold.shapes import weight_free
 
-    tensors: list[onnx.TensorProto] = []
-    bad_name = _scan_graph(model.graph, tensors)
-    for function in model.functions:  # model-local functions: their Constant nodes carry tensors too
-        bad_name = bad_name or _scan_nodes(function.node, tensors)
+    tensors, bad_name = _scan_model(model)
     if bad_name is not None:
         raise BadInputError(f"{label}: invalid model: a name is not valid UTF-8 ({bad_name!r})")
+    if check_tensors is not None:  # the external-data rules first: they say more than the checker
+        check_tensors(tensors)
     for tensor in model.graph.initializer:  # the skeleton keeps only the types of big tensors
         if tensor.data_type not in _KNOWN_TYPES:
             raise BadInputError(f"{label}: invalid model: initializer '{tensor.name}' has unknown "
@@ -122,10 +122,26 @@ def _copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def model_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every tensor of the model: initializers, attribute tensors and sparse tensors' parts, of
+    the main graph, its subgraphs and the model-local functions."""
+    return _scan_model(model)[0]
+
+
+def _scan_model(model: onnx.ModelProto) -> tuple[list[onnx.TensorProto], bytes | None]:
+    tensors: list[onnx.TensorProto] = []
+    bad_name = _scan_graph(model.graph, tensors)
+    for function in model.functions:  # model-local functions: their Constant nodes carry tensors too
+        bad_name = bad_name or _scan_nodes(function.node, tensors)
+    return tensors, bad_name
+
+
 def _scan_graph(graph: onnx.GraphProto, tensors: list[onnx.TensorProto]) -> bytes | None:
     """One walk over `graph` and its subgraphs: the first node/value name protobuf could not decode
     as UTF-8 (it then hands out bytes), if any; every tensor met is appended to `tensors`."""
     tensors.extend(graph.initializer)
+    for sparse in graph.sparse_initializer:  # never folded, but their data files must be checked too
+        tensors.extend((sparse.values, sparse.indices))
     bad = _scan_nodes(graph.node, tensors)
     if bad is not None:
         return bad
@@ -146,6 +162,9 @@ def _scan_nodes(nodes: Iterable[onnx.NodeProto], tensors: list[onnx.TensorProto]
                 tensors.append(attr.t)
             elif attr.type == onnx.AttributeProto.TENSORS:
                 tensors.extend(attr.tensors)
+            elif attr.type in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS):
+                for sparse in [attr.sparse_tensor] if attr.HasField("sparse_tensor") else attr.sparse_tensors:
+                    tensors.extend((sparse.values, sparse.indices))
             bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else \
                 attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else ()
             for body in bodies:
@@ -157,35 +176,35 @@ def _scan_nodes(nodes: Iterable[onnx.NodeProto], tensors: list[onnx.TensorProto]
 _KNOWN_TYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.TensorProto.UNDEFINED)
 
 
-def _external_files(tensors: list[onnx.TensorProto], base: Path) -> set[Path]:
-    files = set()
-    for tensor in tensors:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            info = {entry.key: entry.value for entry in tensor.external_data}
-            files.add((base / info.get("location", "")).resolve())
-    return files
 
 
 def save_model_atomic(
     model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False,
     protected: set[Path] | None = None, store: TensorStore | None = None,
-    accept: Callable[[Path | None], bool] | None = None,
+    accept: Callable[[Path | None], bool] | None = None, *,
+    input_model: Path | None = None, in_place: bool = False,
 ) -> Path | None:
-    """Write `model` to `path` so that a crash leaves either the old file or the complete new one.
+    """Write `model` to `path` so that a crash or a signal leaves either the old file or the
+    complete new one, and no temporary file.
 
+    Neither `path` nor its data file may be a file the input reads (`input_model`, or one of its
+    `protected` data files) — `path` may be `input_model` only `in_place`, and then the file
+    behind a symlink is replaced (see bnfold.file_access).
     With `external_data` (forced above the 2 GB protobuf limit) tensors go to a *fresh* file
-    `<name>.data` beside it (never appended to, never one of the `protected` input data files).
+    `<name>.data` beside it (never appended to, never a file the input reads).
     Tensor data is streamed (from `store` for deferred tensors), never copied in memory whole.
     `accept` is asked before the new file replaces anything, with the complete temporary file (or
     None when the model has external data: its temporary file names a data file not in place
     yet); if it says no, nothing is written and None is returned.
     """
-    path = Path(path)
+    inputs = set(protected or ()) | ({input_model} if input_model is not None else set())
+    named = Path(path)
+    path = file_access.output_target(named, input_model, protected or (), in_place)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise BadInputError(f"{path}: output folder {folder} does not exist")
     external_data = external_data or _total_bytes(model, store) > EXTERNAL_ABOVE_BYTES
-    data_path = _fresh_data_path(path, protected or set()) if external_data else None
+    data_path = file_access.fresh_data_path(path, inputs) if external_data else None
     temp_files: list[str] = []
     try:
         with _write_errors(path):
@@ -205,7 +224,8 @@ def save_model_atomic(
         # Outside the write-error translation: an error of verification is not the output's fault.
         if accept is not None and not accept(Path(temp_model) if data_path is None else None):
             return None
-        with _write_errors(path):
+        # A signal here would leave a new data file beside the old model: both renames, or neither.
+        with _write_errors(path), interrupts.deferred():
             if data_path is not None:
                 os.replace(temp_files[1], data_path)
             os.replace(temp_model, path)
@@ -214,17 +234,7 @@ def save_model_atomic(
         for name in temp_files:
             if os.path.exists(name):
                 os.unlink(name)
-    return path
-
-
-def _fresh_data_path(path: Path, protected: set[Path]) -> Path:
-    """`<name>.data` beside the output, or `<name>.folded[N].data` when that is one of the input's
-    data files (which must never be written)."""
-    for suffix in ("", ".folded", *(f".folded{n}" for n in range(2, len(protected) + 2))):
-        candidate = path.with_name(f"{path.name}{suffix}.data")
-        if candidate.resolve() not in protected:
-            return candidate
-    raise AssertionError("unreachable: more candidate names than protected files")
+    return named
 
 
 @contextlib.contextmanager
@@ -241,9 +251,10 @@ def _write_errors(path: Path) -> Iterator[None]:
 
 def _temp_file(folder: Path, name: str, temp_files: list[str]) -> str:
     """A hidden temporary file in `folder` with the permissions a plain new file would get."""
-    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    with interrupts.deferred():  # a signal between creating and recording it would leave it behind
+        fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        temp_files.append(temp)
     os.close(fd)
-    temp_files.append(temp)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; an output file should look like any other

@@ -152,3 +152,16 @@ def invoke(args: list) -> Result:
         raise AssertionError(f"unexpected exception {result.exception!r}\nstdout: {result.stdout}\n"
                              f"stderr: {result.stderr}") from result.exception
     return result
+
+
+def sample_model_names() -> list[str]:
+    """The committed sample models (sample_models/build.py's list) — not whatever else a user's
+    run left in that folder, such as the README's `resnet_tiny.folded.onnx`."""
+    import importlib.util
+    from pathlib import Path
+
+    build = Path(__file__).resolve().parents[1] / "sample_models" / "build.py"
+    spec = importlib.util.spec_from_file_location("sample_models_build", build)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return sorted(module.MODELS)

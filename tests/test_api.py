@@ -12,13 +12,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from builders import sample_model_names
+
 import bnfold
 from bnfold import BadInputError, VerificationError
 from bnfold.report import Verification
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "sample_models"
-SAMPLES = sorted(p.name for p in SAMPLES_DIR.glob("*.onnx"))
+SAMPLES = sample_model_names()
 FP32_SAMPLES = [name for name in SAMPLES if name != "fp16_cnn.onnx"]
 FOLDING_SAMPLES = [name for name in SAMPLES if name != "no_bn.onnx"]
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import invoke
+from builders import invoke, sample_model_names
 
 import bnfold
 from bnfold.report import Reason
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "sample_models"
-SAMPLES = sorted(p.name for p in SAMPLES_DIR.glob("*.onnx"))
+SAMPLES = sample_model_names()
 FP32_SAMPLES = [name for name in SAMPLES if name != "fp16_cnn.onnx"]
 
 # BatchNormalization nodes left after folding each sample (sample_models/README.md). mlp_bn1d's bn3

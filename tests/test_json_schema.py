@@ -12,6 +12,7 @@ import pytest
 
 jsonschema = pytest.importorskip("jsonschema")
 
+from builders import sample_model_names
 from click.testing import CliRunner, Result
 from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
 
@@ -102,7 +103,7 @@ def test_schema_version_matches():
 # --- real runs -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in SAMPLES_DIR.glob("*.onnx")))
+@pytest.mark.parametrize("name", sample_model_names())
 def test_single_fold(tmp_path, name):
     model = copy_sample(tmp_path, name)
     data = run_json([model, "-o", tmp_path / "out.onnx"], 0)

@@ -120,7 +120,7 @@ def test_in_place_is_verified_against_the_untouched_original(tmp_path, monkeypat
     model = _copy(tmp_path, "resnet_tiny.onnx")
     original_sha = _sha(model)
     seen = _record_sessions(monkeypatch)
-    folded = bnfold.fold(model, output=model).report.folded
+    folded = bnfold.fold(model, output=model, in_place=True).report.folded
     (reference, reference_sha), (candidate, _) = seen
     assert reference == str(model) and reference_sha == original_sha  # read before the rename
     assert candidate != str(model)
@@ -169,7 +169,7 @@ def test_external_data_never_lands_in_any_input_data_file(tmp_path):
     model = tmp_path / "out.onnx"
     onnx.save(source, str(model))
     before = {p.name: _sha(p) for p in tmp_path.iterdir()}
-    result = bnfold.fold(model, output=model)  # in place: the input's data files must survive
+    result = bnfold.fold(model, output=model, in_place=True)  # in place: the input's data files must survive
     assert result.report.passed
     assert (tmp_path / "out.onnx.folded2.data").is_file()
     assert {name: _sha(tmp_path / name) for name in ("out.onnx.data", "out.onnx.folded.data")} == \

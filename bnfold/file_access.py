@@ -1,0 +1,178 @@
+"""The one place that decides which files bnfold may read and which it may write.
+
+Read: a model is a regular file (a device or FIFO would be read forever, or block); its external
+data lives in regular files inside the model's folder — after normalisation *and* symlink
+resolution, as onnx.load and onnxruntime require — at offsets and lengths that lie within them.
+Every entry is checked before any byte of any tensor is read, so a model cannot make bnfold copy
+`/etc/shadow` or `../secret` into its output. An in-memory model has no folder, so it may not
+refer to external data at all.
+
+Write: an output (the model file or its data file) is never a file the input reads, by path or
+by identity (symlinks and hard links reach the same inode); the input model itself only with an
+explicit in-place request, and then its content is replaced where it really lives (a symlink
+stays a symlink).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+import onnx
+
+from bnfold.errors import BadInputError
+
+# The keys the ONNX spec defines for an external-data entry; anything else is refused rather than
+# guessed at (a typo such as "lenght" would otherwise silently mean "to the end of the file").
+EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum"})
+_DECIMAL = re.compile(r"[0-9]+")
+
+
+def check_model_file(path: Path) -> None:
+    """Refuse, before opening, anything but an existing regular file (following symlinks)."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: no such file") from None
+    except OSError as error:
+        raise BadInputError(f"{path}: cannot read ({error.strerror or error})") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise BadInputError(f"{path}: is a directory, not an ONNX file")
+    if not stat.S_ISREG(status.st_mode):
+        raise BadInputError(f"{path}: is a {_kind(status.st_mode)}, not a regular file; only files are models")
+
+
+def check_external_data(tensors: Iterable[onnx.TensorProto], model_path: Path) -> set[Path]:
+    """The (resolved) data files the model's external tensors read, after checking every entry;
+    a `BadInputError` naming the model, the tensor and the reason for the first bad one."""
+    folder = os.path.realpath(model_path.parent if str(model_path.parent) else ".")
+    sizes: dict[str, tuple[Path, int]] = {}  # location -> (resolved file, size): one stat per file
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = _entries(tensor, model_path)
+        location = entries.get("location", "")
+        if location not in sizes:
+            sizes[location] = _data_file(location, folder, tensor, model_path)
+        data_file, size = sizes[location]
+        offset = _count(entries, "offset", tensor, model_path)
+        length = _count(entries, "length", tensor, model_path)
+        end = offset + (length or 0)
+        if end > size:
+            raise BadInputError(f"{model_path}: tensor '{tensor.name}': external data at offset {offset}"
+                                f"{'' if length is None else f' + length {length}'} lies beyond the end of "
+                                f"'{location}' ({size} bytes)")
+    return {data_file for data_file, _ in sizes.values()}
+
+
+def refuse_external_data(tensors: Iterable[onnx.TensorProto], label: str) -> None:
+    """An in-memory model has no folder its external data could be confined to: refuse it."""
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            raise BadInputError(f"{label}: tensor '{tensor.name}' keeps its data in external file '{location}', "
+                                "but an in-memory model has no folder to read it from; pass the model's path")
+
+
+def _entries(tensor: onnx.TensorProto, model_path: Path) -> dict[str, str]:
+    entries: dict[str, str] = {}
+    for entry in tensor.external_data:
+        if entry.key not in EXTERNAL_DATA_KEYS:
+            raise BadInputError(f"{model_path}: tensor '{tensor.name}': unknown external-data key '{entry.key}'")
+        if entry.key in entries:
+            raise BadInputError(f"{model_path}: tensor '{tensor.name}': external-data key '{entry.key}' repeated")
+        entries[entry.key] = entry.value
+    return entries
+
+
+def _data_file(location: str, folder: str, tensor: onnx.TensorProto, model_path: Path) -> tuple[Path, int]:
+    """The resolved data file for `location` and its size, if it is a regular file inside `folder`."""
+    def refuse(reason: str) -> BadInputError:
+        return BadInputError(f"{model_path}: tensor '{tensor.name}': external data location '{location}' {reason}")
+
+    if not location:
+        raise refuse("is empty")
+    parts = re.split(r"[/\\]", location)
+    if "\0" in location or os.path.isabs(location) or location.startswith("\\") or re.match(r"[A-Za-z]:", location):
+        raise refuse("is absolute: it must be relative to the model's folder")
+    if ".." in parts:
+        raise refuse("leaves the model's folder ('..')")
+    resolved = os.path.realpath(os.path.join(folder, location))
+    if os.path.commonpath([resolved, folder]) != folder or resolved == folder:
+        raise refuse("resolves (through a symlink) outside the model's folder")
+    try:
+        status = os.stat(resolved)
+    except FileNotFoundError:
+        raise BadInputError(f"{model_path}: tensor '{tensor.name}': external data file missing: "
+                            f"{os.path.join(folder, location)}") from None
+    except OSError as error:
+        raise refuse(f"cannot be read ({error.strerror or error})") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise refuse(f"is a {_kind(status.st_mode)}, not a regular file")
+    return Path(resolved), status.st_size
+
+
+def _count(entries: dict[str, str], key: str, tensor: onnx.TensorProto, model_path: Path) -> int | None:
+    """`offset`/`length` as a non-negative integer (None when absent)."""
+    value = entries.get(key)
+    if value is None:
+        return 0 if key == "offset" else None
+    if not _DECIMAL.fullmatch(value):
+        raise BadInputError(f"{model_path}: tensor '{tensor.name}': external-data {key} '{value}' is not a "
+                            "non-negative decimal integer")
+    return int(value)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def same_file(a: Path, b: Path) -> bool:
+    """Do `a` and `b` name one file — by resolved path, or by identity (hard links)?"""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samestat(os.stat(a), os.stat(b))
+    except OSError:
+        return False
+
+
+def is_input_file(path: Path, input_files: Iterable[Path]) -> bool:
+    return any(same_file(path, read) for read in input_files)
+
+
+def output_target(path: Path, input_model: Path | None, input_data: Iterable[Path], in_place: bool = False) -> Path:
+    """The file to replace for output `path`, refusing any file the input reads. In place, the
+    input model's real file (through a symlink): the link stays and its target gets the content."""
+    if os.path.isdir(path):
+        raise BadInputError(f"{path}: is a folder: give a file name")
+    for data_file in input_data:
+        if same_file(path, data_file):
+            raise BadInputError(f"{path}: is the input's external data file {data_file}; it must not be overwritten")
+    if input_model is not None and same_file(path, input_model):
+        if not in_place:
+            raise BadInputError(f"{path}: output equals the input; pass --in-place (in_place=True) to overwrite it")
+        return Path(os.path.realpath(path))
+    if in_place:
+        raise BadInputError(f"{path}: in-place output must be the input model {input_model}")
+    return path
+
+
+def fresh_data_path(output: Path, input_files: Iterable[Path]) -> Path:
+    """`<name>.data` beside the output, or `<name>.folded[N].data` when that is a file the input
+    reads (which must never be written)."""
+    inputs = list(input_files)
+    for suffix in ("", ".folded", *(f".folded{n}" for n in range(2, len(inputs) + 2))):
+        candidate = output.with_name(f"{output.name}{suffix}.data")
+        if not is_input_file(candidate, inputs):
+            return candidate
+    raise AssertionError("unreachable: more candidate names than input files")
