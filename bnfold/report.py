@@ -38,6 +38,8 @@ class Reason(str, enum.Enum):
     CONSUMER_NOT_FOLDABLE = "consumer_not_foldable"
     OUTPUT_IS_GRAPH_OUTPUT = "output_is_graph_output"  # forward fold would delete a graph output
     UNSUPPORTED_ATTRIBUTE = "unsupported_attribute"  # e.g. Gemm transA=1 for a forward fold
+    WEIGHT_ON_LEFT = "weight_on_left"  # MatMul(W, x) / Gemm(A=W, B=x): the constant is the left operand
+    NO_GAIN = "no_gain"  # foldable, but folding would remove no node (a rank-3 MatMul's bias Add)
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,13 @@ class FoldedRecord:
     into: list[str]  # the layer node(s) that absorbed it
     direction: str  # "backward" (into the producer) | "forward" (into consumers) | "merged"
     graph: str = "main"  # the graph scope (subgraph path) it lived in
+    became: str = ""  # the op type the layer became when the fold changed it (a MatMul now a Gemm)
 
 
 @dataclass(frozen=True)
 class SkippedRecord:
-    """One BN left in the model, with a stable reason code and a human explanation."""
+    """One BN left in the model, or a per-channel Mul/Add/Sub/Div by a constant left next to a layer,
+    with a stable reason code and a human explanation."""
 
     node: str
     op_type: str

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from builders import GraphBuilder, op_types, random_feeds, run
+from test_map_reasons import test_weight_on_the_left_of_a_matmul_is_refused_as_such
 from onnx import TensorProto, helper
 
 import bnfold
@@ -21,7 +22,8 @@ Feeds = dict[str, np.ndarray]
 
 # Reasons no valid model can produce for a BatchNormalization: ONNX types BN's data and parameters
 # as floating point only, and onnxruntime rejects BN parameters whose length is not the channel count.
-UNREACHABLE_FOR_BN = {Reason.UNSUPPORTED_DTYPE, Reason.CHANNEL_COUNT_MISMATCH}
+# no_gain: a BN always scales, so folding it removes a node (tested for Add/Sub in test_map_reasons).
+UNREACHABLE_FOR_BN = {Reason.UNSUPPORTED_DTYPE, Reason.CHANNEL_COUNT_MISMATCH, Reason.NO_GAIN}
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -356,6 +358,7 @@ REASON_TESTS = {
     Reason.OUTPUT_IS_GRAPH_OUTPUT: test_bn_output_that_is_graph_output_is_refused,
     Reason.UNSUPPORTED_ATTRIBUTE: test_bn_before_gemm_trans_a_is_unsupported_attribute,
     Reason.NO_FOLDABLE_NEIGHBOUR: test_bn_between_non_layers_has_no_foldable_neighbour,
+    Reason.WEIGHT_ON_LEFT: test_weight_on_the_left_of_a_matmul_is_refused_as_such,
 }
 
 
