@@ -326,6 +326,27 @@ def trap_reshape_moves_channels() -> onnx.ModelProto:
     return b.model([vi("x", [4, 6])], [vi("y", [2, 6, 2])], opset=13)
 
 
+def levit_linear_norm() -> onnx.ModelProto:
+    """timm LeViT LinearNorm (legacy export): MatMul [B,T,K]·[K,C] → Flatten(0,1) → BN → Reshape back
+    to Shape(MatMul output) (`reshape_as`): the Shape reads only the MatMul output's shape."""
+    b = B(seed=18)
+    y = b.node("MatMul", ["x", b.init("linear.w", b.weight((16, 12), 16))], "linear")
+    shape = b.node("Shape", [y], "shape")
+    z = b.bn(b.node("Flatten", [y], "flatten", axis=2), 12, "bn")
+    b.node("Relu", [b.node("Reshape", [z, shape], "reshape_as")], "y")
+    return b.model([vi("x", [2, 10, 16])], [vi("y", [2, 10, 12])], opset=13)
+
+
+def matmul_bias(full: bool) -> onnx.ModelProto:
+    """2-D MatMul(x, W) + bias ([N], or a full [M, N]) → BN → Relu."""
+    b = B(seed=19 + full)
+    y = b.node("MatMul", ["x", b.init("fc.w", b.weight((16, 12), 16))], "fc")
+    bias = (0.1 * b.rng.standard_normal((4, 12) if full else 12)).astype(np.float32)
+    y = b.node("Add", [y, b.init("fc.b", bias)], "fc_bias")
+    b.node("Relu", [b.bn(y, 12, "bn")], "y")
+    return b.model([vi("x", [4, 16])], [vi("y", [4, 12])], opset=13)
+
+
 @dataclass
 class Spec:
     key: str
@@ -375,6 +396,13 @@ SPECS = [
          "the residual Add (of two activations) stays", 0, 1),
     Spec("11", "Trap: MatMul → Reshape [2,6,2] → BN over 6 channels (opset 13)", trap_reshape_moves_channels,
          "must NOT be folded: the reshape moves elements across channels", 1, 0),
+    Spec("12", "LeViT LinearNorm: MatMul → Flatten → BN → Reshape to Shape(MatMul output) (opset 13)",
+         levit_linear_norm, "the BN is foldable: the Shape reads only the MatMul output's shape, which the fold "
+         "keeps; a rank-3 MatMul's bias stays as one Add", 0, 1),
+    Spec("13a", "2-D MatMul + bias [N] → BN → Relu (opset 13)", lambda: matmul_bias(False),
+         "MatMul, Add and BN become one Gemm", 0, 0),
+    Spec("13b", "2-D MatMul + full bias [M, N] → BN → Relu (opset 13)", lambda: matmul_bias(True),
+         "MatMul and Add become one Gemm (C = [M, N]), and the BN folds into it", 0, 0),
 ]
 
 
