@@ -326,8 +326,12 @@ class _Folder:
                         removed: set[int]) -> None:
         """MatMul + Add/Sub -> Gemm reading W and the bias as they are stored: nothing is written."""
         layer = plan.layer
-        replaced[index.producer[layer.output]] = gemm_node(plan)
-        removed.add(index.producer[plan.output])
+        # The Gemm takes the MatMul's place, or the Add's when the bias is computed in between.
+        here, gone = index.producer[layer.output], index.producer[plan.output]
+        if plan.at_add:
+            here, gone = gone, here
+        replaced[here] = gemm_node(plan)
+        removed.add(gone)
         # A MatMul folded in an earlier pass is no longer refolded from its original weight: its
         # record keeps checking what that pass wrote, and the Gemm is the next fold's original.
         self.origins.pop((scope, layer.output), None)

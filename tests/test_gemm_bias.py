@@ -120,3 +120,17 @@ def test_add_folded_forward_is_not_also_a_gemm_bias() -> None:
     assert result.report.verification.passed
     assert op_types(result.model) == ["MatMul", "Gemm"]
     assert_same_outputs(model, result.model)
+
+
+def test_bias_computed_after_the_matmul_puts_the_gemm_where_the_add_is() -> None:
+    # Found by the fuzzer: the bias comes from a Constant node placed after the MatMul; a Gemm at
+    # the MatMul's place would read it before it exists (nodes must stay topologically sorted).
+    g = GraphBuilder()
+    x = g.input("x", [4, 6])
+    y = g.matmul(x, 6, 3)
+    bias = g.node("Constant", [], value=numpy_helper.from_array(np.array([0.5, -1.0, 2.0], np.float32), "k"))
+    model = g.model([g.node("Add", [y, bias])])
+    result = bnfold.fold(model)
+    assert result.report.verification.passed and result.report.verification.checker_passed
+    assert op_types(result.model) == ["Constant", "Gemm"]
+    assert_same_outputs(model, result.model)

@@ -35,6 +35,7 @@ class GemmBiasPlan:
     bias: str  # its constant operand, read by the Gemm as C
     alpha: float
     beta: float
+    at_add: bool = False  # the bias is computed after the MatMul: the Gemm goes where the Add is
 
     @property
     def output(self) -> str:
@@ -59,10 +60,15 @@ def match_gemm_bias(layer: Layer, node: onnx.NodeProto, index: GraphIndex) -> Ge
         return refusal
     if values.dtype != layer.weight.dtype:
         return Refusal(Reason.UNSUPPORTED_DTYPE, f"bias {values.dtype} vs weight {layer.weight.dtype}")
+    producer = index.producer.get(bias)
+    at_add = producer is not None and producer > index.producer[layer.output]
+    if at_add and index.sole_consumer(layer.output) is None:
+        return Refusal(Reason.PRODUCER_HAS_OTHER_CONSUMERS, f"MatMul output '{layer.output}' is also read for its "
+                       "shape, before the bias is computed")
     subtracted = node.op_type == "Sub"
     alpha = -1.0 if subtracted and position == 1 else 1.0
     beta = -1.0 if subtracted and position == 0 else 1.0
-    return GemmBiasPlan(layer, node, bias, alpha, beta)
+    return GemmBiasPlan(layer, node, bias, alpha, beta, at_add)
 
 
 def _shape_refusal(layer: Layer, shape: tuple[int, ...], index: GraphIndex) -> Refusal | None:
