@@ -370,6 +370,27 @@ def add_bn() -> onnx.ModelProto:
     return b.model([vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])], opset=13)
 
 
+def levit_linear_norm() -> onnx.ModelProto:
+    """timm LeViT LinearNorm (legacy export): MatMul [B,T,K]·[K,C] → Flatten(0,1) → BN → Reshape back
+    to Shape(MatMul output) (`reshape_as`): the Shape reads only the MatMul output's shape."""
+    b = B(seed=21)
+    y = b.node("MatMul", ["x", b.init("linear.w", b.weight((16, 12), 16))], "linear")
+    shape = b.node("Shape", [y], "shape")
+    z = b.bn(b.node("Flatten", [y], "flatten", axis=2), 12, "bn")
+    b.node("Relu", [b.node("Reshape", [z, shape], "reshape_as")], "y")
+    return b.model([vi("x", [2, 10, 16])], [vi("y", [2, 10, 12])], opset=13)
+
+
+def matmul_bias(full: bool) -> onnx.ModelProto:
+    """2-D MatMul(x, W) + bias ([N], or a full [M, N]) → BN → Relu."""
+    b = B(seed=22 + full)
+    y = b.node("MatMul", ["x", b.init("fc.w", b.weight((16, 12), 16))], "fc")
+    bias = (0.1 * b.rng.standard_normal((4, 12) if full else 12)).astype(np.float32)
+    y = b.node("Add", [y, b.init("fc.b", bias)], "fc_bias")
+    b.node("Relu", [b.bn(y, 12, "bn")], "y")
+    return b.model([vi("x", [4, 16])], [vi("y", [4, 12])], opset=13)
+
+
 @dataclass
 class Spec:
     key: str
@@ -427,6 +448,13 @@ SPECS = [
          "the BN's channel slices fold into the two Convs", 0, 0),
     Spec("13b", "Add(Conv_a(x), Conv_b(Relu(x))) → BN → Relu (opset 13)", add_bn,
          "the BN's scale folds into both Convs and its shift into one; the Add of two activations stays", 0, 1),
+    Spec("14", "LeViT LinearNorm: MatMul → Flatten → BN → Reshape to Shape(MatMul output) (opset 13)",
+         levit_linear_norm, "the BN is foldable: the Shape reads only the MatMul output's shape, which the fold "
+         "keeps; a rank-3 MatMul's bias stays as one Add", 0, 1),
+    Spec("15a", "2-D MatMul + bias [N] → BN → Relu (opset 13)", lambda: matmul_bias(False),
+         "MatMul, Add and BN become one Gemm", 0, 0),
+    Spec("15b", "2-D MatMul + full bias [M, N] → BN → Relu (opset 13)", lambda: matmul_bias(True),
+         "MatMul and Add become one Gemm (C = [M, N]), and the BN folds into it", 0, 0),
 ]
 
 

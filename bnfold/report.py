@@ -42,6 +42,8 @@ class Reason(str, enum.Enum):
     BRANCH_GEOMETRY_MISMATCH = "branch_geometry_mismatch"  # stride/dilation/group/padding/channels differ
     BRANCH_INTERMEDIATE_READ = "branch_intermediate_read"  # a branch's value is also read elsewhere
     BRANCH_NOT_LINEAR = "branch_not_linear"  # a branch is not a linear map of the shared input
+    WEIGHT_ON_LEFT = "weight_on_left"  # MatMul(W, x) / Gemm(A=W, B=x): the constant is the left operand
+    NO_GAIN = "no_gain"  # foldable, but folding would remove no node (a rank-3 MatMul's bias Add)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class FoldedRecord:
     # training-mode BN of a constant, replaced by its value)
     direction: str
     graph: str = "main"  # the graph scope (subgraph path) it lived in
+    became: str = ""  # the op type the layer became when the fold changed it (a MatMul now a Gemm)
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,8 @@ class MergedBranchesRecord:
 
 @dataclass(frozen=True)
 class SkippedRecord:
-    """One BN left in the model, with a stable reason code and a human explanation."""
+    """One BN left in the model, or a per-channel Mul/Add/Sub/Div by a constant left next to a layer,
+    with a stable reason code and a human explanation."""
 
     node: str
     op_type: str

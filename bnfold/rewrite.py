@@ -33,12 +33,14 @@ from bnfold.graph import (
 )
 from bnfold.branch_merge import merge_branches, with_branch_reasons
 from bnfold.report import FoldedRecord, MergedBranchesRecord, SkippedRecord
-from bnfold.rules.affine_ops import AffineOp
+from bnfold.rules.affine_ops import ARITHMETIC_OPS, AffineOp
 from bnfold.rules.chains import LayerPlan, MergePlan, chain_axis, compose, plan_pass
 from bnfold.rules.explain import explain_skipped
+from bnfold.rules.gemm_bias import GemmBiasPlan, gemm_node
 from bnfold.rules.layers import Layer, build_nodes, fold_parameters
 from bnfold.rules.multi_producer import JOIN_OPS
 from bnfold.rules.passthrough import PASSTHROUGH_OPS
+from bnfold.rules.readers import data_consumer, rewired_readers
 from bnfold.shapes import infer_value_infos
 from bnfold.tensors import TensorStore
 
@@ -144,6 +146,7 @@ class _Folder:
         self._value_infos: dict[str, dict] | None = None
         self.evaluated_names: set[tuple[str, str]] = set()  # (scope, name): never overwritten in place
         self.orphaned: set[str] = set()
+        self.created_biases: set[tuple[str, str]] = set()  # outputs of the bias Adds folds wrote: not the user's maps
         # Only kept with verification (they hold the original weights of folded layers).
         self.origins: dict[tuple[str, str], _Origin] = {}
         self.provenance: dict[tuple[str, str], Provenance] = {}
@@ -178,8 +181,8 @@ class _Folder:
             plan = plan_pass(index)
             if plan:
                 self.outcome.passes += 1
-                cascades = _may_cascade(plan.layers, plan.merges, index)
-                self._apply(graph, index, plan.layers, plan.merges, scope)
+                cascades = _may_cascade(plan.layers, plan.merges, index) or bool(plan.gemm_biases)
+                self._apply(graph, index, plan.layers, plan.merges, scope, plan.gemm_biases)
                 if not cascades and not _needs_index(graph, self.merge_branches):
                     return  # no BN left to explain, no subgraph or sum to visit: skip re-indexing a big graph
                 index = build_index()
@@ -195,7 +198,8 @@ class _Folder:
         for path, body in scoped_subgraphs(graph, scope):
             self.fold_graph(body, path, index)
         self._drop_outer_orphans(graph, index)
-        self.outcome.skipped.extend(with_branch_reasons(explain_skipped(index, scope), branch_refusals))
+        explained = [r for r in explain_skipped(index, scope) if (scope, r.output) not in self.created_biases]
+        self.outcome.skipped.extend(with_branch_reasons(explained, branch_refusals))
 
     def _drop_outer_orphans(self, graph: onnx.GraphProto, index: GraphIndex) -> None:
         """Remove this scope's initializers that only a (now folded) subgraph used to read."""
@@ -213,11 +217,14 @@ class _Folder:
     # --- one pass --------------------------------------------------------------------------
 
     def _apply(
-        self, graph: onnx.GraphProto, index: GraphIndex, layers: list[LayerPlan], merges: list[MergePlan], scope: str
+        self, graph: onnx.GraphProto, index: GraphIndex, layers: list[LayerPlan], merges: list[MergePlan], scope: str,
+        gemm_biases: list[GemmBiasPlan] = (),
     ) -> None:
         replaced: dict[int, onnx.NodeProto] = {}  # node position -> its replacement
         removed: set[int] = set()
         maybe_dead: set[str] = set()
+        # Values the pass removes -> a value with the same shape and dtype, for shape-only readers.
+        aliases: dict[str, str] = {}
         forward_targets: dict[str, tuple[list[AffineOp], list[str]]] = {}  # chain head -> (chain, layers)
         layers.reverse()
         while layers:
@@ -225,6 +232,7 @@ class _Folder:
             # as soon as it is folded: only the tensor being folded is held at any time.
             plan = layers.pop()
             self._fold_layer(graph, index, plan, scope, replaced, removed, maybe_dead)
+            aliases.update(_vanished_values(index, plan, replaced))
             if plan.pre:
                 layer_name = plan.layer.node.name or plan.layer.output
                 forward_targets.setdefault(plan.pre[0].output, (plan.pre, []))[1].append(layer_name)
@@ -232,6 +240,12 @@ class _Folder:
             self.outcome.folded.extend(_record(op, into, "forward", scope) for op in chain)
         for merge in merges:
             self._merge_chain(graph, index, merge, scope, replaced, removed, maybe_dead)
+            aliases.update((op.output, merge.chain[0].data_input) for op in merge.chain[:-1])
+        for bias in gemm_biases:
+            self._fold_gemm_bias(index, bias, scope, replaced, removed)
+            aliases[bias.layer.output] = bias.output
+        if aliases:
+            replaced.update(rewired_readers(index, aliases, replaced))
         self.commit(graph, index, replaced, removed, maybe_dead, scope)
 
     def commit(self, graph: onnx.GraphProto, index: GraphIndex, replaced: dict[int, onnx.NodeProto], removed: set[int],
@@ -298,9 +312,12 @@ class _Folder:
 
         def name_for(role: str, preferred: str) -> str:
             # Overwrite in place only what nobody else reads; otherwise a fresh, unique name.
+            # A tensor an earlier fold wrote is overwritten only by a refold of that same layer
+            # (`origin`): another record still checks it.
             if role in ("weight", "bias") and preferred in index.initializers and index.consumer_count(preferred) == 1 \
                     and preferred not in index.overridable and preferred in layer.node.input \
-                    and (scope, preferred) not in self.evaluated_names:  # checked as evaluated: keep
+                    and (scope, preferred) not in self.evaluated_names \
+                    and (origin is not None or preferred not in self.written_by):
                 return preferred
             return self.names.fresh(f"{preferred}_bnfold" if role in ("weight", "bias") else preferred)
 
@@ -333,11 +350,13 @@ class _Folder:
             op_position = index.producer[op.output]
             if op_position not in replaced:
                 removed.add(op_position)
+        self.created_biases.update((scope, node.output[0]) for node in nodes[1:])
         into = [layer.node.name or layer.output]
+        became = nodes[0].op_type if nodes[0].op_type != layer.kind else ""
         if plan.between and plan.between[0].op_type in JOIN_OPS:
             self._record_joined(plan, into[0], scope)
         else:
-            self.outcome.folded.extend(_record(op, into, "backward", scope) for op in plan.post)
+            self.outcome.folded.extend(_record(op, into, "backward", scope, became) for op in plan.post)
         if provenance is not None:
             provenance.written = [n for n in nodes[0].input[1:]] + [n for n in nodes[1:2] for n in n.input[1:]]
             provenance.output = y_name
@@ -375,6 +394,22 @@ class _Folder:
         # Scalar maps only: every channel has the same bias, and one value broadcasts anywhere.
         tensors[add.input[1]] = bias.reshape((-1,) + (1,) * (rank - 1 - axis)) if axis is not None else bias[:1]
         replaced[index.producer[end]] = add
+
+    def _fold_gemm_bias(self, index: GraphIndex, plan: GemmBiasPlan, scope: str, replaced: dict[int, onnx.NodeProto],
+                        removed: set[int]) -> None:
+        """MatMul + Add/Sub -> Gemm reading W and the bias as they are stored: nothing is written."""
+        layer = plan.layer
+        # The Gemm takes the MatMul's place, or the Add's when the bias is computed in between.
+        here, gone = index.producer[layer.output], index.producer[plan.output]
+        if plan.at_add:
+            here, gone = gone, here
+        replaced[here] = gemm_node(plan)
+        removed.add(gone)
+        # A MatMul folded in an earlier pass is no longer refolded from its original weight: its
+        # record keeps checking what that pass wrote, and the Gemm is the next fold's original.
+        self.origins.pop((scope, layer.output), None)
+        self.outcome.folded.append(FoldedRecord(plan.node.name or plan.output, plan.node.op_type, plan.output,
+                                                [layer.node.name or layer.output], "backward", scope, "Gemm"))
 
     def _merge_chain(self, graph, index, merge: MergePlan, scope, replaced, removed, maybe_dead) -> None:
         chain = merge.chain
@@ -474,7 +509,7 @@ def _may_cascade(layers: list[LayerPlan], merges: list[MergePlan], index: GraphI
     if merges or any(plan.pre or plan.layer.kind == "MatMul" for plan in layers):
         return True
     for plan in layers:
-        follower = index.sole_consumer(plan.post[-1].output) if plan.post else None
+        follower = data_consumer(index, plan.post[-1].output) if plan.post else None
         if follower is not None and follower.op_type in PASSTHROUGH_OPS:
             return True
     return False
@@ -493,12 +528,14 @@ def _delete_positions(container, positions: Iterable[int]) -> None:
 
 
 def _needs_index(graph: onnx.GraphProto, merge_branches: bool) -> bool:
-    """After the last pass, does the scope still need an index: a BN left to explain, subgraphs
-    (to fold, with this scope as their outer one, and to clean up after), or sums of branches?"""
-    sums = ("Add", "Sub", "Sum") if merge_branches else ()
-    return any(node.op_type == "BatchNormalization" or node.op_type in sums or has_subgraphs(node)
-               for node in graph.node)
+    """After the last pass, does the scope still need an index: a BN or Mul/Add/Sub/Div left to
+    explain, subgraphs (to fold, with this scope as their outer one, and to clean up after), or sums
+    of branches to merge?"""
+    explained = _EXPLAINED_OPS | {"Sum"} if merge_branches else _EXPLAINED_OPS
+    return any(node.op_type in explained or has_subgraphs(node) for node in graph.node)
 
+
+_EXPLAINED_OPS = ARITHMETIC_OPS | {"BatchNormalization"}
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
@@ -507,8 +544,23 @@ def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
     return copy
 
 
-def _record(op: AffineOp, into: list[str], direction: str, scope: str) -> FoldedRecord:
-    return FoldedRecord(op.node.name or op.output, op.node.op_type, op.output, into, direction, scope)
+def _record(op: AffineOp, into: list[str], direction: str, scope: str, became: str = "") -> FoldedRecord:
+    return FoldedRecord(op.node.name or op.output, op.node.op_type, op.output, into, direction, scope, became)
+
+
+def _vanished_values(index: GraphIndex, plan: LayerPlan, replaced: dict[int, onnx.NodeProto]) -> dict[str, str]:
+    """The values a layer fold removes, each with the value of the folded graph that has its shape
+    and dtype and is produced no later: a forward chain's input; behind the layer, the output of
+    the node now at the layer's place (or at the last layout node's, which may have taken over the
+    chain's output name)."""
+    aliases = {op.output: plan.pre[0].data_input for op in plan.pre}
+    if plan.post:
+        last = plan.between[-1] if plan.between else plan.layer.node
+        anchor = replaced.get(index.producer[last.output[0]], last).output[0]
+        aliases.update((op.output, anchor) for op in plan.post[:-1])
+        if anchor != last.output[0]:
+            aliases[last.output[0]] = anchor
+    return aliases
 
 
 def _delete_initializers(graph: onnx.GraphProto, dead_names: set[str]) -> None:

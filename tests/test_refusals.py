@@ -12,6 +12,7 @@ import onnx
 import pytest
 import test_branch_refusals
 from builders import GraphBuilder, op_types, random_feeds, run
+from test_map_reasons import test_weight_on_the_left_of_a_matmul_is_refused_as_such
 from onnx import TensorProto, helper
 
 import bnfold
@@ -22,7 +23,8 @@ Feeds = dict[str, np.ndarray]
 
 # Reasons no valid model can produce for a BatchNormalization: ONNX types BN's data and parameters
 # as floating point only, and onnxruntime rejects BN parameters whose length is not the channel count.
-UNREACHABLE_FOR_BN = {Reason.UNSUPPORTED_DTYPE, Reason.CHANNEL_COUNT_MISMATCH}
+# no_gain: a BN always scales, so folding it removes a node (tested for Add/Sub in test_map_reasons).
+UNREACHABLE_FOR_BN = {Reason.UNSUPPORTED_DTYPE, Reason.CHANNEL_COUNT_MISMATCH, Reason.NO_GAIN}
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -360,6 +362,7 @@ REASON_TESTS = {
     Reason.BRANCH_GEOMETRY_MISMATCH: test_branch_refusals.test_dilation_and_group_mismatches,
     Reason.BRANCH_INTERMEDIATE_READ: test_branch_refusals.test_intermediate_value_read_elsewhere,
     Reason.BRANCH_NOT_LINEAR: test_branch_refusals.test_non_linear_op_inside_a_branch,
+    Reason.WEIGHT_ON_LEFT: test_weight_on_the_left_of_a_matmul_is_refused_as_such,
 }
 
 

@@ -6,7 +6,12 @@ where every link but the last has a single consumer. For each chain, in order of
 1. backward: the chain follows a layer whose output feeds only the chain -> absorb it as `post`;
 2. forward:  every consumer of the chain's end is a layer that can absorb it on its input channels
              (no padding, axis and channel count match) -> absorb it as `pre` into each of them;
-3. merge:    a chain of two or more ops holding a BN is replaced by a single BN.
+3. merge:    a chain of two or more ops holding a BN is replaced by a single BN;
+4. Gemm:     a 2-D MatMul whose only map after it is a constant Add/Sub becomes one Gemm
+             (`bnfold.rules.gemm_bias`), unless a fold above already takes the MatMul or the Add.
+
+Readers of a value that look only at its shape or dtype (`bnfold.rules.readers`) do not count as
+consumers: the fold keeps every shape and dtype, and `bnfold.rewrite` rewires them.
 
 Planning reads the `GraphIndex` only; `bnfold.rewrite` applies the plans.
 """
@@ -21,9 +26,11 @@ import onnx
 from bnfold.fold_math import ChannelAffine, round_to_dtype, spread_affine
 from bnfold.graph import GraphIndex
 from bnfold.rules.affine_ops import AffineOp, is_candidate, match_affine
+from bnfold.rules.gemm_bias import GemmBiasPlan, match_gemm_bias
 from bnfold.rules.layers import LAYER_OPS, Layer, backward_refusal, forward_refusal, match_layer, overflow_refusal
 from bnfold.rules.multi_producer import JOIN_OPS, join_plans, joined_chain_head
 from bnfold.rules.passthrough import PASSTHROUGH_OPS, ChannelSpread, axis_before, spread_after, walk_passthrough
+from bnfold.rules.readers import data_consumer, data_readers
 
 
 @dataclass
@@ -64,9 +71,10 @@ class MergePlan:
 class PassPlan:
     layers: list[LayerPlan] = field(default_factory=list)
     merges: list[MergePlan] = field(default_factory=list)
+    gemm_biases: list[GemmBiasPlan] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.layers or self.merges)
+        return bool(self.layers or self.merges or self.gemm_biases)
 
 
 def compose(chain: list[AffineOp]) -> ChannelAffine | None:
@@ -92,21 +100,26 @@ def plan_pass(index: GraphIndex) -> PassPlan:
     by_layer: dict[str, LayerPlan] = {}  # layer output name -> its plan
     claimed: set[str] = set()  # outputs of affine ops already placed in a plan
     walked: set[str] = set()  # affine ops already seen in a forward chain (keeps walking linear)
+    biases: list[GemmBiasPlan] = []
     for node in index.nodes:
         if node.op_type not in LAYER_OPS or not node.output:
             continue
-        follower = index.sole_consumer(node.output[0])
+        follower = direct = data_consumer(index, node.output[0])
         if follower is not None and follower.op_type in PASSTHROUGH_OPS:
             between = walk_passthrough(node.output[0], index)
-            follower = index.sole_consumer(between[-1].output[0]) if between else None
+            follower = data_consumer(index, between[-1].output[0]) if between else None
         if follower is None or not is_candidate(follower):
             continue  # decided on structure alone: no weight is read for layers with nothing to fold
         layer = match_layer(node, index)
         if isinstance(layer, Layer):
             between, post = walk_backward_chain(layer, index)
-            if post and _worth_folding(layer, post) and overflow_refusal(layer, None, compose(post)) is None:
+            if post and worth_folding(layer, post) and overflow_refusal(layer, None, compose(post)) is None:
                 by_layer[layer.output] = LayerPlan(layer, post=post, between=between)
                 claimed.update(op.output for op in post)
+            elif follower is direct:
+                bias = match_gemm_bias(layer, direct, index)
+                if isinstance(bias, GemmBiasPlan):
+                    biases.append(bias)
     _plan_joins(index, by_layer, claimed)
     for node in index.nodes:
         if not is_candidate(node) or node.output[0] in claimed or node.output[0] in walked:
@@ -131,6 +144,9 @@ def plan_pass(index: GraphIndex) -> PassPlan:
             plan.merges.append(MergePlan(chain))
             claimed.update(op.output for op in chain)
     plan.layers = list(by_layer.values())
+    # A forward fold into the MatMul, or of the Add into the next layer, removes as many nodes:
+    # it goes first, and the Gemm can form in a later pass.
+    plan.gemm_biases = [b for b in biases if b.layer.output not in by_layer and b.output not in claimed]
     return plan
 
 
@@ -164,7 +180,7 @@ def walk_backward_chain(layer: Layer, index: GraphIndex) -> tuple[list[onnx.Node
         return [], []
     chain: list[AffineOp] = []
     while True:
-        consumer = index.sole_consumer(current)
+        consumer = data_consumer(index, current)
         if consumer is None or not is_candidate(consumer):
             break
         op = match_affine(consumer, index, rank)
@@ -195,7 +211,7 @@ def walk_forward_chain(head: onnx.NodeProto, index: GraphIndex, claimed: set[str
         if not _keeps_shape(op, chain, index):
             break
         chain.append(op)
-        node = index.sole_consumer(op.output)
+        node = data_consumer(index, op.output)
     return chain
 
 
@@ -220,7 +236,7 @@ def _keeps_shape(op: AffineOp, chain: list[AffineOp], index: GraphIndex) -> bool
 def forward_targets(chain: list[AffineOp], index: GraphIndex, by_layer: dict[str, LayerPlan]) -> list[Layer] | None:
     """The layers that absorb `chain` forward, or None if any consumer cannot."""
     end = chain[-1].output
-    consumers = index.consumer_nodes(end)
+    consumers = data_readers(index, end)
     if not consumers or end in index.graph_outputs:
         return None
     layers = []
@@ -255,7 +271,7 @@ def forward_layout_target(chain: list[AffineOp], index: GraphIndex, by_layer: di
     if not between:
         return None
     last = between[-1].output[0]
-    consumer = index.sole_consumer(last)
+    consumer = data_consumer(index, last)
     layer = None if consumer is None else match_layer(consumer, index)
     if not isinstance(layer, Layer) or layer.data_input != last or list(consumer.input).count(last) != 1:
         return None
@@ -285,7 +301,7 @@ def mergeable(chain: list[AffineOp], index: GraphIndex) -> bool:
     return all(np.isfinite(round_to_dtype(v, dtype)).all() for v in (affine.scale, affine.shift))
 
 
-def _worth_folding(layer: Layer, post: list[AffineOp]) -> bool:
+def worth_folding(layer: Layer, post: list[AffineOp]) -> bool:
     """MatMul -> Add(bias) is already the canonical form: folding only shifts into it would not
     remove anything, just turn it into a Gemm."""
     if layer.kind != "MatMul":

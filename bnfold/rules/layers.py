@@ -57,6 +57,9 @@ def match_layer(node: onnx.NodeProto, index: GraphIndex) -> Layer | Refusal | No
     if node.op_type not in LAYER_OPS or not is_default_domain(node) or len(node.input) < 2:
         return None
     weight = index.constant(node.input[1])
+    if weight is None and node.op_type in ("MatMul", "Gemm") and index.constant(node.input[0]) is not None:
+        return Refusal(Reason.WEIGHT_ON_LEFT, f"{node.op_type} '{node.name or node.output[0]}' has its constant "
+                       f"operand '{node.input[0]}' on the left (W·x): only x·W with a constant right operand folds")
     if weight is None:
         return Refusal(Reason.WEIGHT_NOT_CONSTANT,
                        f"{node.op_type} weight '{node.input[1]}' {index.why_not_constant(node.input[1])}")

@@ -20,6 +20,7 @@ import onnx
 
 from bnfold.graph import GraphIndex, attribute
 from bnfold.rules.affine_ops import is_default_domain
+from bnfold.rules.readers import data_consumer
 
 PASSTHROUGH_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 
@@ -37,11 +38,12 @@ class ChannelSpread:
 
 def walk_passthrough(start: str, index: GraphIndex) -> list[onnx.NodeProto]:
     """The run of layout-only nodes that read `start` and each other, one sole consumer after the
-    next (no other reader, no graph output along the way). Structural only: reads no shapes."""
+    next (no other reader but shape-only ones, no graph output along the way). Structural only:
+    reads no shapes."""
     nodes: list[onnx.NodeProto] = []
     current = start
     while True:
-        node = index.sole_consumer(current)
+        node = data_consumer(index, current)
         if node is None or node.op_type not in PASSTHROUGH_OPS or not is_default_domain(node):
             return nodes
         if not node.input or node.input[0] != current or current in node.input[1:] or len(node.output) != 1:
