@@ -100,7 +100,7 @@ def fold(
     onnxruntime runs the complete temporary file, which replaces `output` only if it passed
     (nothing is written otherwise; `result.report.output_path` says where it went).
     `merge_branches`: merge sums of linear branches reading one tensor (RepVGG, MobileOne, ...)
-    into one Conv (see docs/branch_merging.md). `output` may be the input model's path only with
+    into one Conv (see docs/branch-merging.md). `output` may be the input model's path only with
     `in_place=True` (a symlink's target is replaced, the link stays); it may never be one of the
     input's external data files.
     """

@@ -46,6 +46,51 @@ class Reason(str, enum.Enum):
     NO_GAIN = "no_gain"  # foldable, but folding would remove no node (a rank-3 MatMul's bias Add)
 
 
+# What each reason means, for users: docs/rules.md's reason table is generated from this
+# (`python docs/generate_reason_table.py`), and a test keeps the two, the JSON schema and the
+# README in agreement.
+REASON_MEANINGS: dict[Reason, str] = {
+    Reason.TRAINING_MODE: "`training_mode=1` on activations: batch statistics, not an affine map — never folded "
+                          "(a training-mode BN of a *constant* is evaluated instead)",
+    Reason.EXTRA_OUTPUTS: "running mean/var outputs are produced and read",
+    Reason.NOT_SPATIAL: "BN-1..7 with `spatial=0` (statistics per element)",
+    Reason.PARAMS_NOT_CONSTANT: "scale/B/mean/var are computed or fed at run time (includes IR ≥ 4 initializers that "
+                                "are also graph inputs, which callers may override, and inputs of a model-local "
+                                "function)",
+    Reason.INVALID_PARAMS: "NaN/Inf, `var + eps ≤ 0`, parameters of different lengths, or folded parameters that "
+                           "would overflow the layer's dtype",
+    Reason.UNSUPPORTED_DTYPE: "weights or parameters that are not float16/bfloat16/float/double",
+    Reason.NO_FOLDABLE_NEIGHBOUR: "neither the producer nor the consumers are foldable layers",
+    Reason.PRODUCER_HAS_OTHER_CONSUMERS: "the layer's output (or a value on the way to the map) is also read for its "
+                                         "numbers elsewhere: folding would change that reader (readers of only its "
+                                         "shape or dtype — Shape, Size, EyeLike, CastLike's type input — do not count)",
+    Reason.PRODUCER_IS_GRAPH_OUTPUT: "the layer's output is a graph output",
+    Reason.WEIGHT_NOT_CONSTANT: "the layer's weight or bias (or Gemm's C) is not a constant, nor computed from "
+                                "constants and the inputs' declared types and static dims",
+    Reason.CHANNEL_AXIS_MISMATCH: "the map acts on another axis than the layer's channels — e.g. BN (axis 1) after a "
+                                  "MatMul with a rank-3 output `[B, T, C]`, even when T == C; a `[C]`-shaped constant "
+                                  "on NCHW (it broadcasts over W); layout nodes that mix the channels",
+    Reason.UNKNOWN_SHAPE: "a rank or dim the rule needs is not fixed by the declared graph inputs and constants "
+                          "(value_info is never taken as evidence)",
+    Reason.CHANNEL_COUNT_MISMATCH: "the map's length differs from the layer's channel count",
+    Reason.PADDED_CONSUMER: "forward fold of a map with a shift into a Conv with zero padding: the padding sees 0, "
+                            "not the shift, so the fold would not be exact",
+    Reason.CONSUMER_NOT_FOLDABLE: "some consumer of the map is not a layer that can absorb it (a shift before a "
+                                  "ConvTranspose included: it does not reach every output position equally)",
+    Reason.OUTPUT_IS_GRAPH_OUTPUT: "a forward fold would delete a graph output",
+    Reason.UNSUPPORTED_ATTRIBUTE: "e.g. forward fold into Gemm with `transA=1`; a function body whose attributes "
+                                  "come from its callers",
+    Reason.BRANCH_GEOMETRY_MISMATCH: "branches summed into one Conv differ in stride, dilation, group layout, "
+                                     "padding/output size or channel count: no single Conv computes the sum",
+    Reason.BRANCH_INTERMEDIATE_READ: "a value inside a sum of branches (a branch Conv's or BN's output, a partial "
+                                     "sum) is also read elsewhere",
+    Reason.BRANCH_NOT_LINEAR: "a branch of a sum reads another tensor or holds a non-linear op",
+    Reason.WEIGHT_ON_LEFT: "MatMul(W, x) / Gemm(A=W, B=x): the constant is the left operand; only x·W folds",
+    Reason.NO_GAIN: "the map could fold but no node would go (shifts after a MatMul on a rank-3 input stay its bias "
+                    "Add)",
+}
+
+
 @dataclass(frozen=True)
 class FoldedRecord:
     """One BN (or per-channel Mul/Add/Sub/Div) removed from the model."""
