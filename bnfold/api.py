@@ -14,7 +14,7 @@ from bnfold.errors import BadInputError, VerificationError
 from bnfold.model_io import check_structure, check_supported, load_model, save_model_atomic
 from bnfold.report import Reason, Report, Verification, op_counts
 from bnfold.rewrite import fold_model
-from bnfold.runtime import RunConfig
+from bnfold.runtime import DEFAULT_TIMEOUT, RunConfig
 from bnfold.tensors import TensorStore
 from bnfold.verify import verify as _verify
 
@@ -84,6 +84,7 @@ def fold(
     save_outputs: str | None = None,
     raise_on_failure: bool = True,
     output: str | os.PathLike | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> FoldResult:
     """Fold every exactly-foldable BatchNormalization (and per-channel Mul/Add) of `model`.
 
@@ -93,9 +94,11 @@ def fold(
     With `output`, the result is also written there atomically — and verified as written:
     onnxruntime runs the complete temporary file, which replaces `output` only if it passed
     (nothing is written otherwise; `result.report.output_path` says where it went).
+    onnxruntime runs in a child process; if it crashes or takes longer than `timeout` seconds,
+    verification fails ("could not run").
     """
-    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, list(providers),
-                       save_inputs, save_outputs) if verify else None  # checks the options before any work
+    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, providers,
+                       save_inputs, save_outputs, timeout) if verify else None  # checks the options before any work
     working, original, path, protected, store = _open(model)
     report = Report(input_path=None if path is None else str(path), ops_before=op_counts(working))
     outcome = fold_model(working, keep_provenance=verify, store=store)
@@ -129,6 +132,7 @@ def verify(
     input_shapes: dict[str, list[int]] | None = None,
     atol: float | None = None,
     rtol: float | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Verification:
     """Compare any two models with the same inputs and outputs (checker + onnxruntime, optimizations
     off). Raises `VerificationError` when they differ; returns the per-output numbers otherwise."""
@@ -140,7 +144,7 @@ def verify(
         folded_model, store, folded_file = loaded.model, loaded.store, loaded.path
     if not isinstance(original, onnx.ModelProto):
         original = load_model(original).path
-    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol)
+    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, timeout=timeout)
     result = _verify(original, folded_model, config=config, store=store, folded_file=folded_file)
     if not result.passed:
         report = Report(verification=result)

@@ -1,6 +1,7 @@
 """The `bnfold` command: parse flags, call the API, render, map outcomes to exit codes.
 
-Exit codes: 0 success (also nothing to fold), 1 verification failed (nothing written) or, for
+Exit codes: 0 success (also nothing to fold), 1 verification failed or could not run (onnxruntime
+crashed or exceeded --timeout; nothing written) or, for
 `check`, foldable/training BNs found, 2 usage error or bad input (one line on stderr).
 """
 
@@ -70,6 +71,8 @@ def _verification_options(function):
         click.option("--atol", type=float, help="Absolute tolerance per output element (default by dtype)."),
         click.option("--rtol", type=float, help="Relative tolerance per output element (default by dtype)."),
         click.option("--providers", default="", help="Comma-separated extra onnxruntime providers to verify on."),
+        click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                     help="Seconds onnxruntime may take; longer (or a crash) fails verification."),
         click.option("--save-inputs", type=click.Path(path_type=Path), help="Write the verification inputs (.npz)."),
         click.option("--save-outputs", type=click.Path(path_type=Path), help="Write both models' outputs (.npz)."),
         click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(min=1),
@@ -84,15 +87,15 @@ def _verification_options(function):
     return function
 
 
-def _fold_options(verify: bool, input_shape, seed, iterations, inputs_npz, atol, rtol, providers, save_inputs,
-                  save_outputs) -> dict:
+def _fold_options(verify: bool, input_shape, seed, iterations, inputs_npz, atol, rtol, providers, timeout,
+                  save_inputs, save_outputs) -> dict:
     """Validated keyword arguments for bnfold.fold; BadInputError for malformed values."""
     for flag, value in (("--atol", atol), ("--rtol", rtol)):
         if value is not None and not (value >= 0 and math.isfinite(value)):
             raise BadInputError(f"{flag} {value}: must be a finite, non-negative number")
     options = {"verify": verify, "seed": seed, "input_shapes": parse_input_shapes(input_shape), "atol": atol,
                "rtol": rtol, "iterations": iterations,
-               "providers": [p.strip() for p in providers.split(",") if p.strip()],
+               "providers": [p.strip() for p in providers.split(",") if p.strip()], "timeout": timeout,
                "save_inputs": None if save_inputs is None else str(save_inputs),
                "save_outputs": None if save_outputs is None else str(save_outputs)}
     if inputs_npz is not None:
