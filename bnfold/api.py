@@ -15,7 +15,7 @@ from bnfold.errors import BadInputError, VerificationError
 from bnfold.model_io import check_structure, check_supported, load_model, model_tensors, save_model_atomic
 from bnfold.report import Reason, Report, Verification, op_counts
 from bnfold.rewrite import fold_model
-from bnfold.runtime import RunConfig
+from bnfold.runtime import DEFAULT_TIMEOUT, RunConfig
 from bnfold.tensors import TensorStore
 from bnfold.verify import verify as _verify
 
@@ -90,6 +90,7 @@ def fold(
     output: str | os.PathLike | None = None,
     merge_branches: bool = True,
     in_place: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> FoldResult:
     """Fold every exactly-foldable BatchNormalization (and per-channel Mul/Add) of `model`.
 
@@ -103,9 +104,11 @@ def fold(
     into one Conv (see docs/branch-merging.md). `output` may be the input model's path only with
     `in_place=True` (a symlink's target is replaced, the link stays); it may never be one of the
     input's external data files.
+    onnxruntime runs in a child process; if it crashes or takes longer than `timeout` seconds,
+    verification fails ("could not run").
     """
-    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, list(providers),
-                       save_inputs, save_outputs) if verify else None  # checks the options before any work
+    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, providers,
+                       save_inputs, save_outputs, timeout) if verify else None  # checks the options before any work
     working, original, path, protected, store = _open(model)
     if output is not None:  # before any work: a refused output must not cost a fold
         file_access.output_target(Path(output), path, protected, in_place)
@@ -144,6 +147,7 @@ def verify(
     input_shapes: dict[str, list[int]] | None = None,
     atol: float | None = None,
     rtol: float | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Verification:
     """Compare any two models with the same inputs and outputs (checker + onnxruntime, optimizations
     off). Raises `VerificationError` when they differ; returns the per-output numbers otherwise."""
@@ -158,7 +162,7 @@ def verify(
         file_access.refuse_external_data(model_tensors(original), "original model")
     else:
         original = load_model(original).path
-    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol)
+    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, timeout=timeout)
     result = _verify(original, folded_model, config=config, store=store, folded_file=folded_file)
     if not result.passed:
         report = Report(verification=result)

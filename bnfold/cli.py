@@ -1,8 +1,9 @@
 """The `bnfold` command: parse flags, call the API, render, map outcomes to exit codes.
 
 Exit codes (`bnfold.errors.ExitCode`): 0 success (also nothing to fold), 1 verification failed
-(nothing written) or, for `check`, foldable/training BNs found, 2 usage error or bad input (one line
-on stderr), 128 + N when ended by signal N.
+or could not run (onnxruntime crashed or exceeded --timeout; nothing written) or, for `check`,
+foldable/training BNs found, 2 usage error or bad input (one line on stderr), 128 + N when ended by
+signal N.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def _verification_options(function):
         click.option("--atol", type=float, help="Absolute tolerance per output element (default by dtype)."),
         click.option("--rtol", type=float, help="Relative tolerance per output element (default by dtype)."),
         click.option("--providers", default="", help="Comma-separated extra onnxruntime providers to verify on."),
+        click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                     help="Seconds onnxruntime may take; longer (or a crash) fails verification."),
         click.option("--save-inputs", type=click.Path(path_type=Path), help="Write the verification inputs (.npz)."),
         click.option("--save-outputs", type=click.Path(path_type=Path), help="Write both models' outputs (.npz)."),
         click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(min=1),
@@ -126,14 +129,14 @@ def _verification_options(function):
     return function
 
 
-def _fold_options(verify: bool, input_shape, seed, iterations, inputs_npz, atol, rtol, providers, save_inputs,
-                  save_outputs, no_merge_branches: bool = False) -> dict:
+def _fold_options(verify: bool, input_shape, seed, iterations, inputs_npz, atol, rtol, providers, timeout,
+                  save_inputs, save_outputs, no_merge_branches: bool = False) -> dict:
     """Validated keyword arguments for bnfold.fold; BadInputError for malformed values."""
     for flag, value in (("--atol", atol), ("--rtol", rtol)):
         check_tolerance(flag, value)
     options = {"verify": verify, "seed": seed, "input_shapes": parse_input_shapes(input_shape), "atol": atol,
                "rtol": rtol, "iterations": iterations,
-               "providers": [p.strip() for p in providers.split(",") if p.strip()],
+               "providers": [p.strip() for p in providers.split(",") if p.strip()], "timeout": timeout,
                "save_inputs": None if save_inputs is None else str(save_inputs),
                "save_outputs": None if save_outputs is None else str(save_outputs),
                "merge_branches": not no_merge_branches}

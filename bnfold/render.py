@@ -40,14 +40,37 @@ def _verification_lines(report: Report) -> list[str]:
         failed = sum(not t.passed for t in verification.tensors)
         lines.append(f"  analytic check: {len(verification.tensors)} tensors, worst {worst:.3g} ulp, {failed} failed")
     if verification.runtime_engine == "onnxruntime":
-        engine = f"onnxruntime (optimizations off, seed {verification.seed})"
+        engine = f"onnxruntime (optimizations off, {_data_source(verification)})"
     else:
-        engine = f"{verification.runtime_engine}, seed {verification.seed}"
-    lines.append(f"  {engine}: {verification.runtime_status}")
+        engine = f"{verification.runtime_engine}, {_data_source(verification)}"
+    status = verification.runtime_status
+    lines.append(f"  {engine}: " + (f"verification {status}" if status.startswith("could not run") else status))
     for output in verification.outputs:
         lines.append(f"    {output.name:<24} max abs {output.max_abs_error:.3g}  max rel {output.max_rel_error:.3g}  "
-                     f"rtol {output.rtol:.3g} atol {output.atol:.3g}  {'ok' if output.passed else 'FAIL'}")
+                     f"rtol {output.rtol:.3g} atol {output.atol:.3g}  {_verdict(output)}")
+    if verification.intermediate_tensors:
+        checks = verification.intermediate_tensors
+        worst = max(checks, key=lambda c: c.max_abs_error)
+        failed = [c for c in checks if not c.passed]
+        lines.append(f"  folded tensors compared: {len(checks)}, worst max abs {worst.max_abs_error:.3g} "
+                     f"({worst.name}, atol {worst.atol:.3g}), {len(failed)} failed")
+        lines += [f"    {c.name:<24} max abs {c.max_abs_error:.3g}  {_verdict(c)}" for c in failed]
     return lines
+
+
+def _data_source(verification) -> str:
+    """Where the compared inputs came from: a seed, or the user's arrays."""
+    if verification.input_source == "user":
+        return f"your --inputs arrays ({verification.samples} samples)"
+    return f"seed {verification.seed}"
+
+
+def _verdict(check) -> str:
+    if check.passed:
+        return "ok"
+    if check.not_comparable:
+        return f"not comparable ({check.not_comparable})"
+    return f"FAIL: {check.note}" if check.note else "FAIL"
 
 
 def to_text(report: Report, quiet: bool = False, verbose: bool = False) -> str:
@@ -83,11 +106,11 @@ def to_markdown(report: Report) -> str:
     verification = report.verification
     if verification is not None:
         verdict = "passed" if verification.passed else "FAILED"
-        status = f"{verification.runtime_engine} {verification.runtime_status}, seed {verification.seed}"
+        status = f"{verification.runtime_engine} {verification.runtime_status}, {_data_source(verification)}"
         lines += ["", f"Verification: **{verdict}** ({status})", "",
                   "| output | max abs | max rel | rtol | atol | result |", "|---|---:|---:|---:|---:|---|"]
         lines += [f"| {o.name} | {o.max_abs_error:.3g} | {o.max_rel_error:.3g} | {o.rtol:.3g} | {o.atol:.3g} | "
-                  f"{'ok' if o.passed else 'FAIL'} |" for o in verification.outputs]
+                  f"{_verdict(o)} |" for o in verification.outputs + verification.intermediate_tensors]
     return "\n".join(lines) + "\n"
 
 

@@ -163,7 +163,12 @@ class OutputCheck:
     rtol: float
     mismatches: int
     elements: int
-    passed: bool
+    passed: bool  # every element within tolerance, and at least one finite reference value compared
+    compared: int = 0  # finite reference values compared (all elements for integer/bool tensors)
+    note: str = ""  # why it failed beyond the numbers, e.g. "no finite reference values compared"
+    # Set when the values differ but the output is downstream of a discontinuous op (TopK, NMS,
+    # a comparison, ...) and every folded tensor and every other output matched: names that op.
+    not_comparable: str = ""
 
 
 @dataclass
@@ -179,6 +184,11 @@ class Verification:
     seed: int = 0
     seeds: list[int] = field(default_factory=list)  # one per random batch; empty for user data
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    input_source: str = "random"  # "random" (seeded) | "user" (the --inputs arrays)
+    samples: int = 0  # input batches compared
+    # Folded-layer tensors compared between the two models in the same onnxruntime runs.
+    intermediate_tensors: list[OutputCheck] = field(default_factory=list)
+    timeout: float | None = None  # seconds onnxruntime was given
 
     @property
     def analytic_passed(self) -> bool:
@@ -193,11 +203,20 @@ class Verification:
         lines = [] if self.checker_passed else [f"onnx checker: {self.checker_message}"]
         lines += [f"tensor {t.tensor} ({t.layer}) " + (t.error or f"off by {t.max_ulp_error:.3g} ulp")
                   for t in self.tensors if not t.passed]
-        lines += [f"output {o.name}: {o.mismatches}/{o.elements} elements outside atol={o.atol:g} "
-                  f"rtol={o.rtol:g} (max abs error {o.max_abs_error:.3g})" for o in self.outputs if not o.passed]
-        if self.runtime_status not in ("passed", "failed"):
+        lines += [_check_failure("output", o) for o in self.outputs if not o.passed and not o.not_comparable]
+        lines += [_check_failure("tensor", t) for t in self.intermediate_tensors if not t.passed]
+        if self.runtime_status.startswith("could not run"):
+            lines.append(f"verification {self.runtime_status}")
+        elif self.runtime_status not in ("passed", "failed"):
             lines.append(f"onnxruntime comparison {self.runtime_status}")
         return lines
+
+
+def _check_failure(kind: str, check: OutputCheck) -> str:
+    if check.note:
+        return f"{kind} {check.name}: {check.note}"
+    return (f"{kind} {check.name}: {check.mismatches}/{check.elements} elements outside atol={check.atol:g} "
+            f"rtol={check.rtol:g} (max abs error {check.max_abs_error:.3g})")
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

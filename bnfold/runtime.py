@@ -1,8 +1,9 @@
-"""Run original and folded model in onnxruntime (CPU, graph optimizations OFF) and compare outputs."""
+"""Run original and folded model in onnxruntime (CPU, graph optimizations OFF, in a child process) and
+compare their outputs and the folded layers' tensors."""
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -11,51 +12,33 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from bnfold.compare import compare_arrays, merge_checks, robust_scale, tolerances_for, upstream_scales
+from bnfold.discontinuous import discontinuous_sources
 from bnfold.errors import BadInputError, check_tolerance, first_line
-from bnfold.fold_math import is_bfloat16, is_float
+from bnfold.fold_math import is_float
 from bnfold.model_io import EXTERNAL_ABOVE_BYTES, save_model_atomic
-from bnfold.report import OutputCheck, Verification
+from bnfold.ort_child import Child, CouldNotRun, OrtJob, OrtRuns, run_job
+from bnfold.report import Verification
 from bnfold.serialize import estimated_size, write_model
 from bnfold.tensors import TensorStore
 
-# Default output tolerances per element type: (rtol, atol).
-TOLERANCES = {
-    onnx.TensorProto.FLOAT: (1e-4, 1e-5),
-    onnx.TensorProto.DOUBLE: (1e-9, 1e-12),
-    onnx.TensorProto.FLOAT16: (1e-2, 1e-3),
-    onnx.TensorProto.BFLOAT16: (5e-2, 1e-2),
-}
-EXACT = (0.0, 0.0)
 DEFAULT_BATCH = 2
 DEFAULT_DIM = 32
+DEFAULT_TIMEOUT = 600.0
 
 
-def session(model: onnx.ModelProto | str | os.PathLike, folder: str, provider: str = "CPUExecutionProvider",
-            store: TensorStore | None = None):
-    """An onnxruntime session with every graph optimization switched off. A model whose tensors
-    are partly outside the proto (or above 2 GB) is streamed to `folder` and loaded from there."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    if isinstance(model, onnx.ModelProto):
-        if estimated_size(model) > EXTERNAL_ABOVE_BYTES:  # cannot be one protobuf: via the disk
-            path = Path(folder) / f"model{len(os.listdir(folder))}.onnx"
-            save_model_atomic(model, path, external_data=True, store=store)
-            model = str(path)
-        else:
-            buffer = io.BytesIO()
-            write_model(model, buffer, store)  # folded arrays streamed into the bytes, not the proto
-            return ort.InferenceSession(buffer.getvalue(), options, providers=[provider])
-    path = str(model)
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        # onnxruntime takes paths as UTF-8 text; a file name with other bytes is read here instead
-        # (a model that needs its external data files then fails to load, and verification says so).
-        return ort.InferenceSession(Path(path).read_bytes(), options, providers=[provider])
-    return ort.InferenceSession(path, options, providers=[provider])
+def model_file(model: onnx.ModelProto | str | os.PathLike, folder: str, store: TensorStore | None = None) -> str:
+    """The file onnxruntime loads for `model`: its own path, or a copy written to `folder` (folded
+    arrays streamed from `store`; external data beside it above 2 GB)."""
+    if not isinstance(model, onnx.ModelProto):
+        return str(model)
+    path = Path(folder) / f"model{len(os.listdir(folder))}.onnx"
+    if estimated_size(model) > EXTERNAL_ABOVE_BYTES:  # cannot be one protobuf
+        save_model_atomic(model, path, external_data=True, store=store)
+    else:
+        with open(path, "wb") as handle:
+            write_model(model, handle, store)
+    return str(path)
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -120,8 +103,15 @@ class RunConfig:
     providers: list[str] = field(default_factory=list)  # extra providers to run the folded model on
     save_inputs: str | None = None
     save_outputs: str | None = None
+    timeout: float = DEFAULT_TIMEOUT  # seconds onnxruntime may take for both models, all batches
+    isolated: bool = True  # onnxruntime in a child process (False only to measure what that costs)
 
     def __post_init__(self) -> None:
+        if isinstance(self.providers, str):  # one provider named as a string, not its characters
+            self.providers = [self.providers]
+        self.providers = list(self.providers)
+        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0 and np.isfinite(self.timeout)):
+            raise BadInputError(f"timeout must be a positive number of seconds, got {self.timeout}")
         if self.seed < 0:
             raise BadInputError(f"seed must be a non-negative integer, got {self.seed}")
         if self.iterations < 1:
@@ -158,6 +148,8 @@ def feed_sets(inputs: list[onnx.ValueInfoProto], config: RunConfig) -> tuple[lis
     if len(counts) > 1:
         raise BadInputError(f"--inputs arrays hold different numbers of samples: {sorted(counts)}")
     count = counts.pop() if counts else 1
+    if count == 0:
+        raise BadInputError("--inputs arrays hold 0 samples (the leading sample axis has length 0)")
     return [{name: np.asarray(v[i]) for name, v in samples.items()} for i in range(count)], {}
 
 
@@ -165,25 +157,42 @@ class _CannotRun(Exception):
     """onnxruntime cannot load or run the *original* model (an old opset, a custom op)."""
 
 
+@dataclass
+class Tensors:
+    """Intermediate tensors (outputs of folded layers) to compare besides the graph outputs.
+    `complete`: they cover every fold, so outputs behind discontinuous ops may be excused."""
+
+    names: list[str] = field(default_factory=list)
+    complete: bool = False
+
+
 def compare_outputs(original, folded: onnx.ModelProto, result: Verification, config: RunConfig,
-                    store: TensorStore | None = None, folded_file: str | os.PathLike | None = None) -> None:
-    """Fill `result.outputs` and `result.runtime_status`; never reports a pass it did not compute.
-    onnxruntime loads the folded model from `folded_file` when given (the same model, on disk).
+                    store: TensorStore | None = None, folded_file: str | os.PathLike | None = None,
+                    tensors: Tensors | None = None, child: Child | None = None) -> None:
+    """Fill `result.outputs`, `result.intermediate_tensors` and `result.runtime_status`; never
+    reports a pass it did not compute. onnxruntime (in `child`, or a new child process) loads the
+    folded model from `folded_file` when given (the same model, on disk).
 
     When onnxruntime has no kernel for the original model (BN-6 and other pre-opset-7 exports), both
     models are run by onnx's reference evaluator instead, and the report says so.
     """
+    tensors = tensors or Tensors()
     # Folding never changes a graph's inputs or outputs, so the folded model describes both.
     batches, defaulted = feed_sets(graph_inputs(folded), config)
     result.input_shapes = {name: list(array.shape) for name, array in batches[0].items()} if batches else {}
     result.seeds = [config.seed + i for i in range(len(batches))] if config.inputs is None else []
+    result.input_source, result.samples = ("random" if config.inputs is None else "user"), len(batches)
+    result.timeout = config.timeout
     unavailable = _unavailable(config.providers)
     if unavailable:
         raise BadInputError(f"execution provider {unavailable} is not available in this onnxruntime "
                             f"(available: {', '.join(_available())})")
     try:
-        names, references, candidates = _run_onnxruntime(original, folded if folded_file is None else str(folded_file),
-                                                         batches, config, defaulted, result, store)
+        job = OrtJob("", "", batches, tensors.names, config.providers)
+        runs = _run_onnxruntime(original, folded, folded_file, job, config, defaulted, result, store, child)
+    except CouldNotRun as why:
+        result.runtime_status = f"could not run: {why}"
+        return
     except _CannotRun as why:
         if config.providers:
             result.runtime_status = f"not run: --providers need onnxruntime, but {why}"
@@ -191,7 +200,7 @@ def compare_outputs(original, folded: onnx.ModelProto, result: Verification, con
         try:
             # The file that will be delivered, when there is one, as onnxruntime would have run it.
             candidate = folded if folded_file is None else onnx.load(str(folded_file))
-            names, references, candidates = _run_reference_evaluator(original, candidate, batches, store)
+            runs = _run_reference_evaluator(original, candidate, batches, store)
         except Exception as error:  # noqa: BLE001 - the evaluator cannot run it either: say both
             result.runtime_status = f"not run: {why}; onnx reference evaluator: {first_line(error)}"
             return
@@ -199,65 +208,99 @@ def compare_outputs(original, folded: onnx.ModelProto, result: Verification, con
     except RuntimeError as error:
         result.runtime_status = str(error)
         return
+    _compare_runs(runs, folded, result, config, batches)
+    compared = set(runs.names[runs.outputs:])
+    if tensors.complete and tensors.names and compared == set(tensors.names):
+        excuse_discontinuous(folded.graph, result, set(tensors.names))
+    # A folded tensor is checked at its source with the outputs' criterion: a wrong fold fails even
+    # where downstream ops (a Relu, a pooling, a selection) hide it from every output.
+    ok = all(o.passed or o.not_comparable for o in result.outputs) and \
+        all(t.passed for t in result.intermediate_tensors)
+    result.runtime_status = "passed" if ok else "failed"
+    graph_outputs = runs.names[:runs.outputs]
+    _save_arrays(config, batches, graph_outputs, [r[:runs.outputs] for r in runs.references],
+                 [c[:runs.outputs] for c in runs.candidates[""]])
+
+
+def _compare_runs(runs: OrtRuns, folded: onnx.ModelProto, result: Verification, config: RunConfig,
+                  batches: list[dict[str, np.ndarray]]) -> None:
+    """Every fetched tensor, for every provider, with the same criterion (bnfold.compare)."""
     output_types = {o.name: o.type.tensor_type.elem_type for o in folded.graph.output}
-    for provider, runs in candidates.items():
+    own = {name: robust_scale([ref[position] for ref in runs.references]) for position, name in enumerate(runs.names)}
+    own.update((name, robust_scale([feeds[name] for feeds in batches])) for name in (batches[0] if batches else {}))
+    scales = upstream_scales(folded.graph, own)
+    for provider, candidate_runs in runs.candidates.items():
         suffix = f"@{provider}" if provider else ""
-        for position, name in enumerate(names):
-            default_rtol, default_atol = default_tolerance(output_types.get(name, 0))
-            rtol = default_rtol if config.rtol is None else config.rtol
-            if config.atol is not None:
-                atol = config.atol
-            else:
-                # Rounding differences accumulate in proportion to the values flowing through a
-                # network, not to each output element: the default atol is relative to the output's
-                # scale (max |reference|, at least 1), and the report states the value used.
-                scale = max([1.0] + [_max_abs(ref[position]) for ref in references])
-                atol = default_atol * scale
-            checks = [compare_arrays(name + suffix, np.asarray(ref[position]), np.asarray(got[position]), atol, rtol)
-                      for ref, got in zip(references, runs)]
-            result.outputs.append(merge_checks(checks))
-    result.runtime_status = "passed" if all(o.passed for o in result.outputs) else "failed"
-    _save_arrays(config, batches, names, references, candidates[""])
+        for position, name in enumerate(runs.names):
+            references = [np.asarray(ref[position]) for ref in runs.references]
+            elem_type = output_types.get(name) if position < runs.outputs else _elem_type(references[0])
+            atol, rtol = tolerances_for(elem_type or 0, scales[name], config.atol, config.rtol)
+            checks = [compare_arrays(name + suffix, ref, np.asarray(got[position]), atol, rtol)
+                      for ref, got in zip(references, candidate_runs)]
+            target = result.outputs if position < runs.outputs else result.intermediate_tensors
+            target.append(merge_checks(checks))
 
 
-def _run_onnxruntime(original, folded, batches, config: RunConfig, defaulted, result: Verification, store):
-    """(output names, reference runs, {provider: folded runs}); _CannotRun when the original cannot
-    be run, RuntimeError(status) when the folded model cannot."""
+def excuse_discontinuous(graph: onnx.GraphProto, result: Verification, folded: set[str]) -> None:
+    """Outputs that differ only behind a discontinuous op are "not comparable" — but only when every
+    folded tensor and every output not behind such an op matched; otherwise all fail as they are."""
+    failed = [o for o in result.outputs if not o.passed]
+    if not failed or not all(t.passed for t in result.intermediate_tensors):
+        return
+    sources = discontinuous_sources(graph, folded)
+    names = {o.name for o in graph.output}
+    origin = {}
+    for check in failed:
+        base = check.name if check.name in names else check.name.rpartition("@")[0]
+        if base not in sources:
+            return
+        origin[check.name] = sources[base]
+    result.outputs = [dataclasses.replace(o, not_comparable=f"downstream of {origin[o.name]}")
+                      if o.name in origin else o for o in result.outputs]
+
+
+def _elem_type(array: np.ndarray) -> int:
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def _run_onnxruntime(original, folded, folded_file, job: OrtJob, config: RunConfig, defaulted,
+                     result: Verification, store, child: Child | None) -> OrtRuns:
+    """Both models' runs; _CannotRun when the original cannot be run, RuntimeError(status) when the
+    folded model cannot, CouldNotRun when onnxruntime's process died or hung."""
     with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
-        try:
-            reference_session = session(original, folder)
-        except Exception as error:  # noqa: BLE001 - whatever onnxruntime raises
-            raise _CannotRun(f"onnxruntime cannot load the original model: {first_line(error)}") from None
-        names = [o.name for o in reference_session.get_outputs()]
-        try:
-            references = [reference_session.run(None, feeds) for feeds in batches]
-        except Exception as error:  # noqa: BLE001
-            _raise_for_shapes(config, error)
-            hint = ""
-            if defaulted:  # maybe the shapes chosen for symbolic dims are what the model cannot take
-                name, dims = next(iter(defaulted.items()))
-                hint = (f" on default input shapes {result.input_shapes} (symbolic dims of '{name}': {', '.join(dims)};"
-                        f" choose them with --input-shape {name}:D0,D1,...)")
-            raise _CannotRun(f"onnxruntime cannot run the original model{hint}: {first_line(error)}") from None
-        del reference_session
-        candidates: dict[str, list] = {}  # "" is the CPU comparison every run makes
-        for label, provider in [("", "CPUExecutionProvider"), *((p, p) for p in config.providers)]:
-            try:
-                candidate_session = session(folded, folder, provider, store)
-                candidates[label] = [candidate_session.run(names, feeds) for feeds in batches]
-            except Exception as error:  # noqa: BLE001
-                raise RuntimeError(f"failed: onnxruntime ({provider}) cannot run the folded model: "
-                                   f"{first_line(error)}") from None
-    return names, references, candidates
+        job.original = model_file(original, folder)
+        job.folded = model_file(folded if folded_file is None else folded_file, folder, store)
+        if not config.isolated:
+            runs = run_job(job)
+        else:
+            with child or Child() as running:
+                runs = running.run(job, config.timeout)
+    if runs.error is None:
+        return runs
+    kind, provider, message = runs.error
+    if kind == "original_load":
+        raise _CannotRun(f"onnxruntime cannot load the original model: {message}")
+    if kind == "original_run":
+        _raise_for_shapes(config, message)
+        hint = ""
+        if defaulted:  # maybe the shapes chosen for symbolic dims are what the model cannot take
+            name, dims = next(iter(defaulted.items()))
+            hint = (f" on default input shapes {result.input_shapes} (symbolic dims of '{name}': {', '.join(dims)};"
+                    f" choose them with --input-shape {name}:D0,D1,...)")
+        raise _CannotRun(f"onnxruntime cannot run the original model{hint}: {message}")
+    raise RuntimeError(f"failed: onnxruntime ({provider}) cannot run the folded model: {message}")
 
 
-def _raise_for_shapes(config: RunConfig, error: Exception) -> None:
+def _raise_for_shapes(config: RunConfig, message: str) -> None:
     """Arrays or shapes the user gave that onnxruntime rejects are bad input (exit 2)."""
     if config.inputs is not None:
-        raise BadInputError(f"onnxruntime rejected the --inputs arrays: {first_line(error)}") from None
+        raise BadInputError(f"onnxruntime rejected the --inputs arrays: {message}") from None
     if config.input_shapes:
         raise BadInputError(f"onnxruntime rejected the --input-shape values {config.input_shapes}: "
-                            f"{first_line(error)}") from None
+                            f"{message}") from None
 
 
 def _run_reference_evaluator(original, folded: onnx.ModelProto, batches, store):
@@ -272,23 +315,7 @@ def _run_reference_evaluator(original, folded: onnx.ModelProto, batches, store):
     names = [o.name for o in model.graph.output]
     references = [ReferenceEvaluator(model).run(None, feeds) for feeds in batches]
     candidate = ReferenceEvaluator(folded)
-    return names, references, {"": [candidate.run(names, feeds) for feeds in batches]}
-
-
-def _max_abs(values) -> float:
-    array = np.asarray(values)
-    if array.dtype.kind not in "fc" and not is_bfloat16(array.dtype):
-        return 0.0
-    finite = np.abs(array[np.isfinite(array)].astype(np.float64))
-    return float(finite.max(initial=0.0))
-
-
-def merge_checks(checks: list[OutputCheck]) -> OutputCheck:
-    """One check summarising the same output over several input batches (worst case)."""
-    first = checks[0]
-    return OutputCheck(first.name, max(c.max_abs_error for c in checks), max(c.max_rel_error for c in checks),
-                       first.atol, first.rtol, sum(c.mismatches for c in checks), sum(c.elements for c in checks),
-                       all(c.passed for c in checks))
+    return OrtRuns(names, len(names), references, {"": [candidate.run(names, feeds) for feeds in batches]})
 
 
 def _save_arrays(config: RunConfig, batches, names, references, candidates) -> None:
@@ -319,28 +346,3 @@ def _unavailable(providers: list[str]) -> str | None:
     return next((p for p in providers if p not in _available()), None)
 
 
-def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> OutputCheck:
-    """Element-wise |a - b| <= atol + rtol * |b|; NaN/Inf must sit in the same places."""
-    if reference.shape != candidate.shape:
-        return OutputCheck(name, float("inf"), float("inf"), atol, rtol, reference.size, reference.size, False)
-    if reference.dtype.kind not in "fc" and not is_bfloat16(reference.dtype):
-        mismatches = int((reference != candidate).sum())
-        return OutputCheck(name, float(mismatches > 0), float(mismatches > 0), atol, rtol, mismatches,
-                           reference.size, mismatches == 0)
-    ref = reference.astype(np.float64)
-    got = candidate.astype(np.float64)
-    finite = np.isfinite(ref) & np.isfinite(got)
-    same_special = (np.isnan(ref) & np.isnan(got)) | (np.isinf(ref) & (ref == got))
-    with np.errstate(invalid="ignore"):  # inf - inf where both sides agree on the same Inf
-        error = np.abs(got - ref)
-    within = finite & (error <= atol + rtol * np.abs(ref))
-    mismatches = int((~(within | same_special)).sum())
-    max_abs = float(error[finite].max(initial=0.0))
-    scale = float(np.abs(ref[finite]).max(initial=0.0))
-    max_rel = max_abs / scale if scale > 0 else max_abs
-    return OutputCheck(name, max_abs, max_rel, atol, rtol, mismatches, int(ref.size), mismatches == 0)
-
-
-def default_tolerance(elem_type: int) -> tuple[float, float]:
-    """(rtol, atol) for an output of this element type; integers and bools compare exactly."""
-    return TOLERANCES.get(elem_type, EXACT)

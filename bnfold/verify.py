@@ -7,11 +7,13 @@
    formula (say, a dropped epsilon) is caught even where output tolerances would let it through;
 3. both models run in onnxruntime on CPU with graph optimizations OFF (onnxruntime fuses Conv+BN
    itself from ORT_ENABLE_BASIC on, which would compare the fold with itself) on seeded random inputs,
-   each output compared element-wise: |a - b| <= atol + rtol * |b|, NaN/Inf in the same places.
+   each output and each folded layer's tensor compared element-wise with bnfold.compare's
+   criterion (docs/verification.md); onnxruntime runs in a child process (bnfold.ort_child).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -30,7 +32,8 @@ from bnfold.graph import function_graph, function_scope, scoped_subgraphs
 from bnfold.report import TensorCheck, Verification
 from bnfold.rewrite import Provenance
 from bnfold.rules.layers import fold_parameters, match_layer, peak_abs
-from bnfold.runtime import RunConfig, compare_outputs
+from bnfold.ort_child import Child
+from bnfold.runtime import RunConfig, Tensors, compare_outputs
 from bnfold.tensors import TensorStore
 
 # float64 slack of the recomputation itself, relative to the magnitude of the values involved.
@@ -78,11 +81,38 @@ def _verify(original, folded, provenance, config: RunConfig, run_onnxruntime: bo
     # mostly single-threaded too: on two cores that hides most of its cost on large weights (numpy
     # releases the GIL). On graphs of many small layers both are GIL-bound Python work and the
     # thread neither helps nor hurts (measured). Both only read the models and the store.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-analytic") as pool:
+    # onnxruntime's process starts first: its imports overlap with the checks below.
+    with Child() if config.isolated else _no_child() as child, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-analytic") as pool:
         tensors = pool.submit(_analytic_checks_quietly, folded, provenance, store)
-        compare_outputs(original, folded, result, config, store, folded_file)
+        compare_outputs(original, folded, result, config, store, folded_file, folded_tensors(folded, provenance),
+                        child)
         result.tensors = tensors.result() + evaluated_checks(folded, evaluated, store)
     return result
+
+
+@contextlib.contextmanager
+def _no_child() -> Iterator[None]:
+    yield None
+
+
+def folded_tensors(folded: onnx.ModelProto, provenance: Sequence[Provenance]) -> Tensors:
+    """The tensor each folded layer (or the chain it absorbed) produces, named alike in both models:
+    a backward fold's chain end (the BN's output), a forward fold's layer output. Graph outputs are
+    compared anyway. `complete` only when every fold is in the main graph and its tensor exists."""
+    produced = {name for node in folded.graph.node for name in node.output}
+    outputs = {o.name for o in folded.graph.output}
+    names: list[str] = []
+    complete = bool(provenance)
+    for record in provenance:
+        # A merged Conv of branches keeps the sum's name; a layer fold, its chain end's (or its own).
+        post = getattr(record, "post", None)
+        name = post[-1].nodes[-1].output[0] if post else record.output
+        if record.scope != "main" or name not in produced:
+            complete = False
+        elif name not in outputs and name not in names:
+            names.append(name)
+    return Tensors(names, complete)
 
 
 def _analytic_checks_quietly(folded: onnx.ModelProto, provenance: Sequence[Provenance], store: TensorStore

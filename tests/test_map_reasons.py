@@ -45,7 +45,8 @@ def test_arithmetic_that_is_no_map_or_not_next_to_a_layer_gets_no_record() -> No
     conv = g.conv(x, 3, 3, pads=[1, 1, 1, 1])
     residual = g.node("Add", [conv, x])  # two dynamic operands: not a map by a constant
     scaled = g.node("Mul", [g.relu(residual), g.const(np.float32(2.0))])  # between Relus only
-    reciprocal = g.node("Div", [g.const(np.float32(1.0)), g.relu(scaled)])  # c / x is not affine
+    positive = g.node("Add", [g.relu(scaled), g.const(np.float32(1.0))])  # between a Relu and a Div only
+    reciprocal = g.node("Div", [g.const(np.float32(1.0)), positive])  # c / x is not affine (x >= 1: finite)
     model = g.model([g.conv(g.relu(reciprocal), 3, 2, pads=[1, 1, 1, 1])])
     assert skipped(model) == []
 

@@ -36,13 +36,13 @@ def _bns(path: Path) -> int:
 def _record_sessions(monkeypatch) -> list:
     """Every model handed to onnxruntime: (path, sha256 of its bytes at that moment) or the proto."""
     seen = []
-    real_session = runtime.session
+    real_session = runtime.model_file
 
     def session(model, *args, **kwargs):
         seen.append((str(model), _sha(Path(model))) if isinstance(model, (str, os.PathLike)) else model)
         return real_session(model, *args, **kwargs)
 
-    monkeypatch.setattr(runtime, "session", session)
+    monkeypatch.setattr(runtime, "model_file", session)
     return seen
 
 
