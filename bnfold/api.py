@@ -110,8 +110,12 @@ def fold(
     config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, providers,
                        save_inputs, save_outputs, timeout) if verify else None  # checks the options before any work
     working, original, path, protected, store = _open(model)
+    written = [] if output is None else [Path(output)]
     if output is not None:  # before any work: a refused output must not cost a fold
-        file_access.output_target(Path(output), path, protected, in_place)
+        file_access.output_target(written[0], path, protected, in_place)
+    for flag, side in (("--save-inputs", save_inputs), ("--save-outputs", save_outputs)):
+        if side is not None:
+            file_access.check_side_output(Path(side), flag, [*protected, *([path] if path else [])], written)
     report = Report(input_path=None if path is None else str(path), ops_before=op_counts(working))
     report.repairs = conformance.repair(working)  # before folding: new initializers are listed the same way
     outcome = fold_model(working, keep_provenance=verify, store=store, merge_branches=merge_branches)

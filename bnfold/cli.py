@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import click
 
-from bnfold import batch, render
+from bnfold import batch, file_access, render
 from bnfold.errors import BadInputError, BnfoldError, ExitCode, check_tolerance, worst_exit_code
 
 ERROR_PREFIX = "bnfold: error: "
@@ -148,6 +148,10 @@ def _fold_options(verify: bool, input_shape, seed, iterations, inputs_npz, atol,
 def load_npz(path: Path) -> dict:
     import numpy as np
 
+    try:  # a FIFO would block, a device never end
+        file_access.check_model_file(path, "--inputs arrays")
+    except BadInputError as error:
+        raise BadInputError(f"--inputs {error}") from None
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
@@ -231,6 +235,8 @@ def fold_command(models: tuple[Path, ...], output: Path | None, in_place: bool, 
         for path, target in zip(paths, targets):
             if not in_place:
                 _check_target(path, target, many)
+                _check_not_an_input(target, paths)
+        _check_report_md(report_md, paths, targets)
     except BnfoldError as error:
         _fail(str(error), error.exit_code)
     job_list = [batch.Job(path, target, "fold", options) for path, target in zip(paths, targets)]
@@ -250,6 +256,7 @@ def check_command(models: tuple[Path, ...], verify: bool, jobs: int, as_json: bo
         paths = batch.discover(models, skip_folded=False)
         if not paths:
             raise BadInputError(f"no *.onnx files found in {', '.join(map(str, models))}")
+        _check_report_md(report_md, paths, [])
     except BnfoldError as error:
         _fail(str(error), error.exit_code)
     job_list = [batch.Job(path, None, "check", options) for path in paths]
@@ -265,6 +272,20 @@ def _check_writable(path: Path | None, flag: str) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
         raise BadInputError(f"{flag} {path}: cannot write there")
+
+
+def _check_report_md(report_md: Path | None, models: list[Path], outputs: list[Path]) -> None:
+    """The Markdown report replaces no model of the run, no data file one reads, no output."""
+    if report_md is not None:
+        read = [*models, *(data for model in models for data in file_access.data_files_of(model))]
+        file_access.check_side_output(report_md, "--report-md", read, outputs)
+
+
+def _check_not_an_input(target: Path, inputs: list[Path]) -> None:
+    """With several models, one job's output must not replace another job's input."""
+    for other in inputs:
+        if file_access.same_file(target, other):
+            raise BadInputError(f"{target}: is also an input of this run ({other}); choose another -o")
 
 
 def _check_target(model: Path, target: Path, many: bool) -> None:

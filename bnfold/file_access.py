@@ -31,7 +31,7 @@ EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum"})
 _DECIMAL = re.compile(r"[0-9]+")
 
 
-def check_model_file(path: Path) -> None:
+def check_model_file(path: Path, what: str = "models") -> None:
     """Refuse, before opening, anything but an existing regular file (following symlinks)."""
     try:
         status = os.stat(path)
@@ -40,9 +40,10 @@ def check_model_file(path: Path) -> None:
     except OSError as error:
         raise BadInputError(f"{path}: cannot read ({error.strerror or error})") from None
     if stat.S_ISDIR(status.st_mode):
-        raise BadInputError(f"{path}: is a directory, not an ONNX file")
+        raise BadInputError(f"{path}: is a directory, not an ONNX file" if what == "models" else
+                            f"{path}: is a directory; {what} must be a file")
     if not stat.S_ISREG(status.st_mode):
-        raise BadInputError(f"{path}: is a {_kind(status.st_mode)}, not a regular file; only files are models")
+        raise BadInputError(f"{path}: is a {_kind(status.st_mode)}, not a regular file; only files are {what}")
 
 
 def check_external_data(tensors: Iterable[onnx.TensorProto], model_path: Path) -> set[Path]:
@@ -155,6 +156,7 @@ def output_target(path: Path, input_model: Path | None, input_data: Iterable[Pat
     input model's real file (through a symlink): the link stays and its target gets the content."""
     if os.path.isdir(path):
         raise BadInputError(f"{path}: is a folder: give a file name")
+    check_regular_or_absent(path)
     for data_file in input_data:
         if same_file(path, data_file):
             raise BadInputError(f"{path}: is the input's external data file {data_file}; it must not be overwritten")
@@ -167,12 +169,54 @@ def output_target(path: Path, input_model: Path | None, input_data: Iterable[Pat
     return path
 
 
+def check_regular_or_absent(path: Path, flag: str = "") -> None:
+    """An output replaces a regular file or nothing: a FIFO, a device (`-o /dev/null` as root) or a
+    socket would be replaced by a regular file, so it is refused (also behind a symlink)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # absent (or a dangling link): nothing is replaced that anyone reads
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise BadInputError(f"{flag + ' ' if flag else ''}{path}: is a {_kind(mode)}; bnfold writes only regular files")
+
+
+def check_side_output(path: Path, flag: str, input_files: Iterable[Path], outputs: Iterable[Path] = ()) -> None:
+    """A file written beside the model (--save-inputs, --save-outputs, --report-md) is never a file
+    the input reads, nor a model output of the same run, nor anything but a regular file."""
+    check_regular_or_absent(path, flag)
+    for protected in [*input_files, *outputs]:
+        if same_file(path, protected):
+            raise BadInputError(f"{flag} {path}: is {protected}, which this run reads or writes")
+
+
 def fresh_data_path(output: Path, input_files: Iterable[Path]) -> Path:
-    """`<name>.data` beside the output, or `<name>.folded[N].data` when that is a file the input
-    reads (which must never be written)."""
+    """`<name>.data` beside the output, or `<name>.folded[N].data` when that name is a file the
+    input reads (which must never be written) or a file that is not the current output's own data
+    (another model's weights that happen to carry the name)."""
     inputs = list(input_files)
-    for suffix in ("", ".folded", *(f".folded{n}" for n in range(2, len(inputs) + 2))):
+    owned = data_files_of(output)
+    for suffix in ("", ".folded", *(f".folded{n}" for n in range(2, len(inputs) + _SPARE_DATA_NAMES))):
         candidate = output.with_name(f"{output.name}{suffix}.data")
-        if not is_input_file(candidate, inputs):
+        if is_input_file(candidate, inputs):
+            continue
+        if not os.path.lexists(candidate) or any(same_file(candidate, mine) for mine in owned):
             return candidate
-    raise AssertionError("unreachable: more candidate names than input files")
+    raise BadInputError(f"{output}: no free name for its external data file beside it")
+
+
+_SPARE_DATA_NAMES = 100  # other models' files a folder may hold under the candidate names
+
+
+def data_files_of(model: Path) -> list[Path]:
+    """The data files an existing model file at `model` reads (its graph's external initializers),
+    or none: replacing the model may replace them, and nothing else."""
+    try:
+        if not stat.S_ISREG(os.stat(model).st_mode):
+            return []
+        graph = onnx.load(str(model), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - not a readable model: it owns no data file
+        return []
+    folder = model.parent
+    locations = {entry.value for tensor in graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in tensor.external_data if entry.key == "location"}
+    return [folder / location for location in locations]

@@ -51,9 +51,11 @@ def _session(path: str, extra: list[str], provider: str):
     merges into the first (repeated fields append): no parse and re-serialise of the weights."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(4)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    # FATAL only: onnxruntime's ERROR records would precede bnfold's own one-line message.
+    options.log_severity_level = 4
     # Loaded from bytes (also file names that are not UTF-8): external data is found beside the file.
     folder = str(Path(path).parent.resolve())
     if folder.encode("utf-8", "surrogateescape").decode("utf-8", "replace") == folder:  # onnxruntime takes UTF-8

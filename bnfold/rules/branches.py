@@ -21,6 +21,7 @@ from bnfold.graph import GraphIndex, attribute
 from bnfold.report import Reason
 from bnfold.rules.affine_ops import AffineOp, is_candidate, is_default_domain, match_affine
 from bnfold.rules.layers import Layer, match_layer
+from bnfold.rules.conv_attributes import invalid_attribute
 from bnfold.rules.refusal import Refusal
 
 COMBINE_OPS = frozenset({"Add", "Sub", "Sum"})
@@ -160,6 +161,9 @@ def _expand(value: str, walk: _Walk, index: GraphIndex, rank: int | None, is_roo
 def conv_branch(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None) -> ConvBranch | Refusal:
     """A Conv's geometry with explicit pads (SAME padding only at stride 1, where it does not depend
     on the input size)."""
+    invalid = invalid_attribute(node)
+    if invalid is not None:
+        return invalid
     spatial = weight.ndim - 2
     kernel = weight.shape[2:]
     strides = tuple(attribute(node, "strides", None) or (1,) * spatial)

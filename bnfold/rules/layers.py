@@ -20,6 +20,7 @@ from bnfold.fold_math import ChannelAffine, is_bfloat16, is_float
 from bnfold.graph import GraphIndex, attribute
 from bnfold.report import Reason
 from bnfold.rules.affine_ops import is_default_domain
+from bnfold.rules.conv_attributes import invalid_attribute
 from bnfold.rules.refusal import Refusal
 
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -72,6 +73,9 @@ def match_layer(node: onnx.NodeProto, index: GraphIndex) -> Layer | Refusal | No
             return Refusal(Reason.WEIGHT_NOT_CONSTANT,
                            f"{node.op_type} bias '{node.input[2]}' {index.why_not_constant(node.input[2])}")
     if node.op_type in ("Conv", "ConvTranspose"):
+        invalid = invalid_attribute(node)
+        if invalid is not None:
+            return invalid
         if weight.ndim < 3:
             return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} weight of rank {weight.ndim}")
         group = int(attribute(node, "group", 1))
