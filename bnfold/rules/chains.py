@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from bnfold.fold_math import ChannelAffine, round_to_dtype, spread_affine
+from bnfold.fold_math import ChannelAffine, ChannelSpread, round_to_dtype, spread_affine
 from bnfold.graph import GraphIndex
-from bnfold.rules.affine_ops import AffineOp, is_candidate, match_affine
+from bnfold.rules.affine_ops import AffineOp, chain_affine, chain_axis, chain_channels, is_candidate, match_affine
 from bnfold.rules.gemm_bias import GemmBiasPlan, match_gemm_bias
 from bnfold.rules.layers import LAYER_OPS, Layer, backward_refusal, forward_refusal, match_layer, overflow_refusal
 from bnfold.rules.multi_producer import JOIN_OPS, join_plans, joined_chain_head
-from bnfold.rules.passthrough import PASSTHROUGH_OPS, ChannelSpread, axis_before, spread_after, walk_passthrough
+from bnfold.rules.passthrough import PASSTHROUGH_OPS, axis_before, spread_after, walk_passthrough
 from bnfold.rules.readers import data_consumer, data_readers
 
 
@@ -40,24 +40,24 @@ class LayerPlan:
     layer: Layer
     pre: list[AffineOp] = field(default_factory=list)
     post: list[AffineOp] = field(default_factory=list)
-    between: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes before `post`
-    pre_between: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes after `pre`
+    layout_after: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes between the layer and `post`
+    layout_before: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes between `pre` and the layer
     pre_spread: ChannelSpread | None = None  # where `pre`'s channels are at the layer's input
-    # `post` after a Concat/Add joining several layers (`between` is that node): the layer's channel
+    # `post` after a Concat/Add joining several layers (`layout_after` is that node): the layer's channel
     # slice of the chain, or only its scale (`bnfold.rules.multi_producer`).
     post_slice: tuple[int, int] | None = None
     post_scale_only: bool = False
 
     @property
     def pre_affine(self) -> ChannelAffine | None:
-        affine = compose(self.pre)
+        affine = chain_affine(self.pre)
         if affine is None or self.pre_spread is None:
             return affine
-        return spread_affine(affine, self.pre_spread.inner, self.pre_spread.length)
+        return spread_affine(affine, self.pre_spread)
 
     @property
     def post_affine(self) -> ChannelAffine | None:
-        return compose(self.post)
+        return chain_affine(self.post)
 
 
 @dataclass(frozen=True)
@@ -75,23 +75,6 @@ class PassPlan:
 
     def __bool__(self) -> bool:
         return bool(self.layers or self.merges or self.gemm_biases)
-
-
-def compose(chain: list[AffineOp]) -> ChannelAffine | None:
-    if not chain:
-        return None
-    affine = chain[0].affine
-    for op in chain[1:]:
-        affine = affine.then(op.affine)
-    return affine
-
-
-def chain_axis(chain: list[AffineOp]) -> int | None:
-    return next((op.axis for op in chain if op.axis is not None), None)
-
-
-def chain_channels(chain: list[AffineOp]) -> int:
-    return max(op.affine.channels for op in chain)
 
 
 def plan_pass(index: GraphIndex) -> PassPlan:
@@ -113,8 +96,8 @@ def plan_pass(index: GraphIndex) -> PassPlan:
         layer = match_layer(node, index)
         if isinstance(layer, Layer):
             between, post = walk_backward_chain(layer, index)
-            if post and worth_folding(layer, post) and overflow_refusal(layer, None, compose(post)) is None:
-                by_layer[layer.output] = LayerPlan(layer, post=post, between=between)
+            if post and worth_folding(layer, post) and overflow_refusal(layer, None, chain_affine(post)) is None:
+                by_layer[layer.output] = LayerPlan(layer, post=post, layout_after=between)
                 claimed.update(op.output for op in post)
             elif follower is direct:
                 bias = match_gemm_bias(layer, direct, index)
@@ -133,7 +116,7 @@ def plan_pass(index: GraphIndex) -> PassPlan:
         if through_layout is not None:
             layer, between, spread = through_layout
             by_layer.setdefault(layer.output, LayerPlan(layer))
-            by_layer[layer.output].pre, by_layer[layer.output].pre_between = chain, between
+            by_layer[layer.output].pre, by_layer[layer.output].layout_before = chain, between
             by_layer[layer.output].pre_spread = spread
             claimed.update(op.output for op in chain)
         elif isinstance(targets, list):
@@ -163,7 +146,7 @@ def _plan_joins(index: GraphIndex, by_layer: dict[str, LayerPlan], claimed: set[
         if parts is None:
             continue
         for part in parts:
-            by_layer[part.layer.output] = LayerPlan(part.layer, post=part.chain, between=[node],
+            by_layer[part.layer.output] = LayerPlan(part.layer, post=part.chain, layout_after=[node],
                                                     post_slice=part.channels, post_scale_only=part.scale_only)
         claimed.update(op.output for op in chain)
 
@@ -240,7 +223,7 @@ def forward_targets(chain: list[AffineOp], index: GraphIndex, by_layer: dict[str
     if not consumers or end in index.graph_outputs:
         return None
     layers = []
-    affine = compose(chain)
+    affine = chain_affine(chain)
     shift_free = not affine.shift.any()
     for consumer in consumers:
         layer = match_layer(consumer, index)
@@ -279,9 +262,9 @@ def forward_layout_target(chain: list[AffineOp], index: GraphIndex, by_layer: di
     spread = None if axis is None else spread_after(between, axis, channels, index)
     if axis is not None and spread is None:
         return None
-    affine = compose(chain)
+    affine = chain_affine(chain)
     if spread is not None:
-        affine = spread_affine(affine.expanded(channels), spread.inner, spread.length)
+        affine = spread_affine(affine.expanded(channels), spread)
     if forward_refusal(layer, None if spread is None else spread.axis, affine.channels, not affine.shift.any()):
         return None
     if not _can_take_pre(layer, affine, by_layer):
@@ -297,7 +280,7 @@ def mergeable(chain: list[AffineOp], index: GraphIndex) -> bool:
     # The merged scale and shift are stored in the first BN's parameter dtype: they must fit.
     bn = next(op for op in chain if op.node.op_type == "BatchNormalization")
     dtype = index.constant(bn.node.input[1]).dtype
-    affine = compose(chain)
+    affine = chain_affine(chain)
     return all(np.isfinite(round_to_dtype(v, dtype)).all() for v in (affine.scale, affine.shift))
 
 

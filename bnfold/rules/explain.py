@@ -16,8 +16,8 @@ import onnx
 
 from bnfold.graph import GraphIndex
 from bnfold.report import Reason, SkippedRecord
-from bnfold.rules.affine_ops import ARITHMETIC_OPS, AffineOp, is_candidate, is_default_domain, match_affine, match_batch_norm
-from bnfold.rules.chains import compose, worth_folding
+from bnfold.rules.affine_ops import ARITHMETIC_OPS, AffineOp, chain_affine, is_candidate, is_default_domain, match_affine, match_batch_norm
+from bnfold.rules.chains import worth_folding
 from bnfold.rules.gemm_bias import match_gemm_bias
 from bnfold.rules.layers import LAYER_OPS, Layer, backward_refusal, forward_refusal, match_layer, overflow_refusal
 from bnfold.rules.passthrough import PASSTHROUGH_OPS, axis_before
@@ -154,7 +154,7 @@ def _backward_refusal(op: AffineOp, path: _Path, index: GraphIndex) -> Refusal |
         if refusal is not None:
             return refusal
     chain = [*path.links, op]
-    refusal = overflow_refusal(layer, None, compose(chain))
+    refusal = overflow_refusal(layer, None, chain_affine(chain))
     if refusal is not None:
         return refusal
     if not worth_folding(layer, chain):
