@@ -79,10 +79,19 @@ class PassPlan:
 
 def plan_pass(index: GraphIndex) -> PassPlan:
     """Every non-conflicting fold available in the graph as it is now."""
-    plan = PassPlan()
     by_layer: dict[str, LayerPlan] = {}  # layer output name -> its plan
     claimed: set[str] = set()  # outputs of affine ops already placed in a plan
-    walked: set[str] = set()  # affine ops already seen in a forward chain (keeps walking linear)
+    biases = _plan_backward(index, by_layer, claimed)
+    _plan_joins(index, by_layer, claimed)
+    merges = _plan_forward(index, by_layer, claimed)
+    # A forward fold into the MatMul, or of the Add into the next layer, removes as many nodes:
+    # it goes first, and the Gemm can form in a later pass.
+    gemm_biases = [b for b in biases if b.layer.output not in by_layer and b.output not in claimed]
+    return PassPlan(list(by_layer.values()), merges, gemm_biases)
+
+
+def _plan_backward(index: GraphIndex, by_layer: dict[str, LayerPlan], claimed: set[str]) -> list[GemmBiasPlan]:
+    """Chains after layers, folded into them; MatMul + bias pairs that could become Gemms."""
     biases: list[GemmBiasPlan] = []
     for node in index.nodes:
         if node.op_type not in LAYER_OPS or not node.output:
@@ -103,7 +112,13 @@ def plan_pass(index: GraphIndex) -> PassPlan:
                 bias = match_gemm_bias(layer, direct, index)
                 if isinstance(bias, GemmBiasPlan):
                     biases.append(bias)
-    _plan_joins(index, by_layer, claimed)
+    return biases
+
+
+def _plan_forward(index: GraphIndex, by_layer: dict[str, LayerPlan], claimed: set[str]) -> list[MergePlan]:
+    """Chains before layers, folded into them; chains no layer takes, merged into one BN."""
+    merges: list[MergePlan] = []
+    walked: set[str] = set()  # affine ops already seen in a forward chain (keeps walking linear)
     for node in index.nodes:
         if not is_candidate(node) or node.output[0] in claimed or node.output[0] in walked:
             continue
@@ -115,22 +130,17 @@ def plan_pass(index: GraphIndex) -> PassPlan:
         through_layout = forward_layout_target(chain, index, by_layer) if targets is None else None
         if through_layout is not None:
             layer, between, spread = through_layout
-            by_layer.setdefault(layer.output, LayerPlan(layer))
-            by_layer[layer.output].pre, by_layer[layer.output].layout_before = chain, between
-            by_layer[layer.output].pre_spread = spread
-            claimed.update(op.output for op in chain)
+            planned = by_layer.setdefault(layer.output, LayerPlan(layer))
+            planned.pre, planned.layout_before, planned.pre_spread = chain, between, spread
         elif isinstance(targets, list):
             for layer in targets:
                 by_layer.setdefault(layer.output, LayerPlan(layer)).pre = chain
-            claimed.update(op.output for op in chain)
         elif len(chain) >= 2 and mergeable(chain, index):
-            plan.merges.append(MergePlan(chain))
-            claimed.update(op.output for op in chain)
-    plan.layers = list(by_layer.values())
-    # A forward fold into the MatMul, or of the Add into the next layer, removes as many nodes:
-    # it goes first, and the Gemm can form in a later pass.
-    plan.gemm_biases = [b for b in biases if b.layer.output not in by_layer and b.output not in claimed]
-    return plan
+            merges.append(MergePlan(chain))
+        else:
+            continue
+        claimed.update(op.output for op in chain)
+    return merges
 
 
 def _plan_joins(index: GraphIndex, by_layer: dict[str, LayerPlan], claimed: set[str]) -> None:
