@@ -19,7 +19,7 @@ from bnfold.fold_session import FoldSession, folded_record
 from bnfold.provenance import ChainSegment, LayerProvenance, OriginalLayer, copy_node
 from bnfold.rules.affine_ops import AffineOp, chain_axis
 from bnfold.rules.chains import LayerPlan
-from bnfold.rules.layers import build_nodes, fold_parameters
+from bnfold.rules.layers import NameFor, build_nodes, fold_parameters
 from bnfold.rules.multi_producer import JOIN_OPS
 
 
@@ -84,7 +84,7 @@ def _parameter_inputs(op: AffineOp) -> list[str]:
     return list(op.node.input[1:] if op.node.op_type == "BatchNormalization" else op.node.input)
 
 
-def _tensor_namer(plan: LayerPlan, edits: PassEdits, session: FoldSession, refold: bool):
+def _tensor_namer(plan: LayerPlan, edits: PassEdits, session: FoldSession, refold: bool) -> NameFor:
     """Names for the folded layer's tensors: overwrite in place only what nobody else reads;
     otherwise a fresh, unique name. A tensor an earlier fold wrote is overwritten only by a refold
     of that same layer: another record still checks it."""

@@ -156,7 +156,7 @@ def _may_cascade(layers: list[LayerPlan], merges: list[MergePlan], index: GraphI
     whose chain ends in a layout node (Conv -> BN -> Transpose -> Mul: the Mul is reachable only
     once the BN is gone) can. Any other backward fold into Conv/ConvTranspose/Gemm leaves every
     neighbour's situation as it was, so the common case needs no second full pass."""
-    if merges or any(plan.pre or plan.layer.kind == "MatMul" for plan in layers):
+    if merges or any(plan.pre or not plan.layer.has_bias_input for plan in layers):
         return True
     for plan in layers:
         follower = data_consumer(index, plan.post[-1].output) if plan.post else None

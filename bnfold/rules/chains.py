@@ -11,9 +11,10 @@ where every link but the last has a single consumer. For each chain, in order of
              (`bnfold.rules.gemm_bias`), unless a fold above already takes the MatMul or the Add.
 
 Readers of a value that look only at its shape or dtype (`bnfold.rules.readers`) do not count as
-consumers: the fold keeps every shape and dtype, and `bnfold.rewrite` rewires them.
+consumers: the fold keeps every shape and dtype, and `bnfold.edits` rewires them.
 
-Planning reads the `GraphIndex` only; `bnfold.rewrite` applies the plans.
+Planning reads the `GraphIndex` only; `bnfold.rewrite` applies the plans (`bnfold.layer_folds`,
+`bnfold.node_merges`).
 """
 
 from __future__ import annotations
@@ -297,6 +298,6 @@ def mergeable(chain: list[AffineOp], index: GraphIndex) -> bool:
 def worth_folding(layer: Layer, post: list[AffineOp]) -> bool:
     """MatMul -> Add(bias) is already the canonical form: folding only shifts into it would not
     remove anything, just turn it into a Gemm."""
-    if layer.kind != "MatMul":
+    if layer.has_bias_input:
         return True
     return any(op.node.op_type not in ("Add", "Sub") or (op.affine.scale != 1).any() for op in post)

@@ -45,6 +45,11 @@ class Layer:
         return self.node.op_type
 
     @property
+    def has_bias_input(self) -> bool:
+        """False for a MatMul: a bias it absorbs needs an Add of its own, or a Gemm in its place."""
+        return LAYER_KINDS[self.kind].has_bias_input
+
+    @property
     def data_input(self) -> str:
         return self.node.input[0]
 
@@ -58,6 +63,7 @@ class LayerKind:
 
     op_type: ClassVar[str]
     weight_may_be_left: ClassVar[bool] = False  # W·x is a valid (but unfoldable) use of the op
+    has_bias_input: ClassVar[bool] = True
 
     def match(self, node: onnx.NodeProto, index: GraphIndex, weight: np.ndarray, bias: np.ndarray | None
               ) -> Layer | Refusal:
@@ -94,15 +100,33 @@ class LayerKind:
         return [node]
 
 
-class ConvKind(LayerKind):
-    op_type = "Conv"
+class _GroupedKind(LayerKind):
+    """Conv and ConvTranspose: channels on axis 1 of input and output, a `group` attribute."""
 
     def match(self, node, index, weight, bias):
         if weight.ndim < 3:
             return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} weight of rank {weight.ndim}")
         group = int(attribute(node, "group", 1))
-        attrs = {"group": group, "input_spatial": _same_padding_input(node, index)}
-        return Layer(node, weight, bias, weight.ndim, 1, 1, weight.shape[0], weight.shape[1] * group, attrs)
+        out_channels, in_channels = self.channels(weight.shape, group)
+        attrs = {"group": group, "input_spatial": self.input_spatial(node, index)}
+        return Layer(node, weight, bias, weight.ndim, 1, 1, out_channels, in_channels, attrs)
+
+    def channels(self, weight_shape: tuple[int, ...], group: int) -> tuple[int, int]:
+        """(output channels, input channels) for a weight of this shape."""
+        raise NotImplementedError
+
+    def input_spatial(self, node: onnx.NodeProto, index: GraphIndex) -> tuple | None:
+        return None
+
+
+class ConvKind(_GroupedKind):
+    op_type = "Conv"
+
+    def channels(self, weight_shape, group):
+        return weight_shape[0], weight_shape[1] * group  # weight [C_out, C_in / group, k...]
+
+    def input_spatial(self, node, index):
+        return _same_padding_input(node, index)
 
     def forward_refusal(self, layer, shift_free):
         if shift_free:
@@ -128,15 +152,11 @@ class ConvKind(LayerKind):
         return fold_math.conv_backward(weight, bias, post, out_dtype)
 
 
-class ConvTransposeKind(LayerKind):
+class ConvTransposeKind(_GroupedKind):
     op_type = "ConvTranspose"
 
-    def match(self, node, index, weight, bias):
-        if weight.ndim < 3:
-            return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} weight of rank {weight.ndim}")
-        group = int(attribute(node, "group", 1))
-        attrs = {"group": group, "input_spatial": None}
-        return Layer(node, weight, bias, weight.ndim, 1, 1, weight.shape[1] * group, weight.shape[0], attrs)
+    def channels(self, weight_shape, group):
+        return weight_shape[1] * group, weight_shape[0]  # weight [C_in, C_out / group, k...]
 
     def forward_refusal(self, layer, shift_free):
         if shift_free:
@@ -159,7 +179,7 @@ class GemmKind(LayerKind):
 
     def match(self, node, index, weight, bias):
         if weight.ndim != 2:
-            return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} weight of rank {weight.ndim} (2 needed)")
+            return _matrix_rank_refusal(node, weight)
         attrs = {
             "alpha": float(attribute(node, "alpha", 1.0)),
             "beta": float(attribute(node, "beta", 1.0)),
@@ -195,10 +215,11 @@ class GemmKind(LayerKind):
 class MatMulKind(LayerKind):
     op_type = "MatMul"
     weight_may_be_left = True
+    has_bias_input = False
 
     def match(self, node, index, weight, bias):
         if weight.ndim != 2:
-            return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} weight of rank {weight.ndim} (2 needed)")
+            return _matrix_rank_refusal(node, weight)
         # MatMul(x, W): output features on the last axis, contraction over x's last axis.
         input_rank = index.rank(node.input[0])
         output_rank = None if input_rank is None else max(input_rank, 2)
@@ -246,6 +267,10 @@ def gemm_with_bias(layer: Layer, node: onnx.NodeProto, names: tuple[str, str, st
 
 LAYER_KINDS: dict[str, LayerKind] = {kind.op_type: kind for kind in
                                      (ConvKind(), ConvTransposeKind(), GemmKind(), MatMulKind())}
+
+
+def _matrix_rank_refusal(node: onnx.NodeProto, weight: np.ndarray) -> Refusal:
+    return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} weight of rank {weight.ndim} (2 needed)")
 
 
 def auto_pad(node: onnx.NodeProto) -> str:

@@ -49,7 +49,7 @@ def join_plans(join: onnx.NodeProto, chain: list[AffineOp], index: GraphIndex, p
     for name in join.input:
         node = index.producer_of(name)
         layer = None if node is None else match_layer(node, index)
-        if not isinstance(layer, Layer) or layer.kind == "MatMul" or layer.output != name \
+        if not isinstance(layer, Layer) or not layer.has_bias_input or layer.output != name \
                 or layer.output in planned or index.consumer_count(name) != 1:
             return None  # a MatMul's bias needs an Add of its own: not a single-node hand-over
         layers.append(layer)
