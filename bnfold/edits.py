@@ -77,14 +77,14 @@ class PassEdits:
     def add_initializer(self, name: str, values: np.ndarray) -> None:
         tensor = self.graph.initializer.add()  # built in place: appending a finished tensor would copy it
         tensor.name = name
-        self._assign(tensor, values)
+        self._assign(tensor, values, new=True)
         if self.index.ir_version < 4 and self.index.outer is None:
             # IR < 4 requires every initializer of the main graph to be listed as an input too.
             self.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
 
-    def _assign(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+    def _assign(self, tensor: onnx.TensorProto, values: np.ndarray, new: bool = False) -> None:
         if self.store is not None:
-            self.store.assign(tensor, values)
+            self.store.assign(tensor, values, new)
         else:
             tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
 

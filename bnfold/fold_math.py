@@ -30,6 +30,7 @@ Everything is computed in float64 from the stored values and rounded once by `ro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -104,7 +105,7 @@ def bn_affine(
     """The affine map of inference BatchNormalization (each parameter a [C] vector), in float64."""
     params = np.array((gamma, beta, mean, var), dtype=np.float64)  # [4, C]
     gamma, beta, mean, var = params
-    if not np.isfinite(params).all() or not np.isfinite(eps):
+    if not math.isfinite(eps) or not np.isfinite(params).all():
         raise InvalidAffineError("BN parameters contain NaN or Inf")
     denominator = var + np.float64(eps)
     if (denominator <= 0).any():

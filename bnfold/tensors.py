@@ -155,18 +155,20 @@ class TensorStore:
 
     # --- writing -----------------------------------------------------------------------------
 
-    def assign(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+    def assign(self, tensor: onnx.TensorProto, values: np.ndarray, new: bool = False) -> None:
         """Give `tensor` new values (and the type and dims of `values`). Large ones are kept here
         until written; small ones go straight into the proto (their arena cost is negligible and
-        the model stays plain, which keeps writing 10,000 small tensors fast)."""
-        for name in _DATA_FIELDS:
-            tensor.ClearField(name)
+        the model stays plain, which keeps writing 10,000 small tensors fast). `new`: the tensor
+        holds nothing yet but its name (no data fields to clear)."""
+        if not new:
+            for name in _DATA_FIELDS:
+                tensor.ClearField(name)
         del tensor.dims[:]
         tensor.dims.extend(values.shape)
         tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
         if values.nbytes < DEFER_BYTES:
             tensor.ClearField("data_location")
-            tensor.raw_data = np.ascontiguousarray(values).reshape(-1).view(np.uint8).tobytes()
+            tensor.raw_data = values.tobytes()  # C order, native (little-endian) bytes
             return
         self._pending.attach(tensor, values)
 

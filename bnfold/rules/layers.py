@@ -125,7 +125,12 @@ def peak_abs(values: np.ndarray) -> float:
     """max |values| without a temporary copy (weights can be hundreds of MB, or memory-mapped)."""
     if values.size == 0:
         return 0.0
+    if values.size <= _SMALL:  # one temporary is cheaper than a second reduction
+        return float(np.abs(values).max())
     return max(abs(float(values.max())), abs(float(values.min())))
+
+
+_SMALL = 4096
 
 
 @functools.cache
