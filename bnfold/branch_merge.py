@@ -10,117 +10,84 @@ maps folded into it so far (kept by the rewrite when verifying), and rounded onc
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from bnfold.branch_math import Branch, Combined, ConvBranch, Expr, evaluate
+from bnfold.edits import PassEdits
 from bnfold.fold_math import round_to_dtype
+from bnfold.fold_session import FoldSession
 from bnfold.graph import GraphIndex
+from bnfold.provenance import BranchProvenance, LayerProvenance, copy_node
 from bnfold.report import FoldedRecord, MergedBranchesRecord, Reason, SkippedRecord
-from bnfold.rules.branches import BranchPlan, conv_branch, plan_branch_merges
+from bnfold.rules.branches import BranchPlan, conv_branch
 from bnfold.rules.layers import fold_parameters
 from bnfold.rules.refusal import Refusal
 
-if TYPE_CHECKING:  # pragma: no cover
-    from bnfold.rewrite import Provenance, _Folder
 
-
-@dataclass
-class BranchProvenance:
-    """What a merged Conv was made from, for the analytic check (`bnfold.verify_branches`)."""
-
-    scope: str
-    output: str
-    written: list[str]  # [weight, bias] of the merged Conv
-    expr: Expr  # the sum, by value names
-    convs: dict[str, Provenance]  # each branch Conv's original parameters and the maps folded into it
-    affine_nodes: dict[str, onnx.NodeProto]  # copies of the maps inside the sum, by output name
-    constants: dict[str, np.ndarray]  # their constant inputs as stored
-    rank: int  # rank of the tensors the maps act on
-
-
-def merge_branches(folder: _Folder, graph: onnx.GraphProto, index: GraphIndex, scope: str) -> tuple[bool, dict[str, Refusal]]:
-    """Merge every planned branch sum of this scope in one edit; whether anything was merged, and why
-    the BNs inside refused sums stay."""
-    plans, refusals = plan_branch_merges(index)
-    if not plans:
-        return False, refusals
-    replaced: dict[int, onnx.NodeProto] = {}
-    removed: set[int] = set()
-    maybe_dead: set[str] = set()
-    for plan in plans:
-        _merge(folder, graph, index, plan, scope, replaced, removed, maybe_dead)
-    folder.commit(graph, index, replaced, removed, maybe_dead, scope)
-    return True, refusals
-
-
-def _merge(folder: _Folder, graph, index: GraphIndex, plan: BranchPlan, scope: str, replaced, removed, maybe_dead) -> None:
-    branches = {name: _current_branch(folder, plan, name, scope) for name in plan.convs}
+def merge_branch(plan: BranchPlan, edits: PassEdits, session: FoldSession) -> None:
+    """The tree under `plan.root` becomes one Conv producing the root's output."""
+    index, scope = edits.index, edits.scope
+    branches = {name: _current_branch(session, plan, name, scope) for name in plan.convs}
     term = evaluate(plan.expr, branches.__getitem__, lambda name: plan.affines[name].affine)
     main = max(plan.convs.values(), key=lambda layer: layer.weight[0].size)  # the largest kernel names it
     dtype = main.weight.dtype
     name = main.node.name
     base = name or plan.root.output[0]
-    weight_name = folder.names.fresh(f"{base}_bnfold_merged_weight")
-    bias_name = folder.names.fresh(f"{base}_bnfold_merged_bias")
-    folder._add_initializer(graph, index, weight_name, round_to_dtype(term.weight, dtype))
-    folder._add_initializer(graph, index, bias_name, round_to_dtype(term.bias, dtype))
+    weight_name = session.names.fresh(f"{base}_bnfold_merged_weight")
+    bias_name = session.names.fresh(f"{base}_bnfold_merged_bias")
+    edits.add_initializer(weight_name, round_to_dtype(term.weight, dtype))
+    edits.add_initializer(bias_name, round_to_dtype(term.bias, dtype))
     merged = onnx.helper.make_node(
         "Conv", [plan.shared_input, weight_name, bias_name], [plan.root.output[0]], name=name,
         group=term.group, strides=list(term.strides), dilations=list(term.dilations), pads=term.pads,
         kernel_shape=list(term.weight.shape[2:]))
-    replaced[index.producer[plan.root.output[0]]] = merged
+    edits.replace_producer(plan.root.output[0], merged)
     others = [layer.node for layer in plan.convs.values()] + [op.node for op in plan.affines.values()] \
         + [node for node in plan.combinations if node is not plan.root]
     for node in others + [plan.root]:
-        maybe_dead.update(n for n in node.input if n and n != plan.shared_input)
-    removed.update(index.producer[node.output[0]] for node in others)
+        edits.mark_possibly_unread(n for n in node.input if n and n != plan.shared_input)
+    edits.removed.update(index.producer[node.output[0]] for node in others)
     into = [name or plan.root.output[0]]
-    folder.outcome.folded.extend(FoldedRecord(op.node.name or op.output, op.node.op_type, op.output, into, "branches",
-                                              scope) for op in plan.affines.values())
-    folder.outcome.merged_branches.append(MergedBranchesRecord(
+    session.log.folded.extend(FoldedRecord(op.node.name or op.output, op.node.op_type, op.output, into, "branches",
+                                           scope) for op in plan.affines.values())
+    session.log.merged_branches.append(MergedBranchesRecord(
         into[0], plan.root.output[0], _leaves(plan.expr), [layer.node.name or name for name, layer in plan.convs.items()],
         [n.name or n.output[0] for n in others if n.op_type != "Conv"] + [plan.root.name or plan.root.output[0]],
         scope))
-    if folder.keep_provenance:
-        folder.provenance[(scope, plan.root.output[0])] = _provenance(folder, index, plan, scope, [weight_name, bias_name])
+    if session.keep_provenance:
+        session.provenance[(scope, plan.root.output[0])] = _provenance(session, index, plan, scope, [weight_name, bias_name])
 
 
-def _current_branch(folder: _Folder, plan: BranchPlan, name: str, scope: str) -> ConvBranch:
+def _current_branch(session: FoldSession, plan: BranchPlan, name: str, scope: str) -> ConvBranch:
     """A branch Conv's float64 parameters: recomputed from its original ones when earlier passes
     folded maps into it (so the merged Conv is still rounded once), else as stored."""
     layer = plan.convs[name]
-    origin = folder.origins.pop((scope, name), None)
-    if origin is None:
+    original = session.originals.pop((scope, name), None)
+    if original is None:
         branch = conv_branch(layer.node, layer.weight, layer.bias)
     else:
-        params = fold_parameters(origin.layer, origin.pre, origin.post)
+        params = fold_parameters(original.layer, original.pre, original.post)
         branch = conv_branch(layer.node, params.weight, params.bias)
     assert not isinstance(branch, Refusal), "planning checked every branch's geometry"
     return branch
 
 
-def _provenance(folder: _Folder, index: GraphIndex, plan: BranchPlan, scope: str, written: list[str]) -> BranchProvenance:
-    from bnfold.rewrite import Provenance
-
+def _provenance(session: FoldSession, index: GraphIndex, plan: BranchPlan, scope: str, written: list[str]
+                ) -> BranchProvenance:
     convs = {}
     for name, layer in plan.convs.items():
-        earlier = folder.provenance.pop((scope, name), None)
-        if not isinstance(earlier, Provenance):  # a Conv merged before is checked from its values as stored
+        earlier = session.provenance.pop((scope, name), None)
+        if not isinstance(earlier, LayerProvenance):  # a Conv merged before is checked from its values as stored
             params = {layer.node.input[1]: layer.weight}
             if layer.bias is not None:
                 params[layer.node.input[2]] = layer.bias
-            copy = onnx.NodeProto()
-            copy.CopyFrom(layer.node)
-            earlier = Provenance(scope, copy, params, [], [], {}, list(params), name)
+            earlier = LayerProvenance(scope, copy_node(layer.node), params, [], [], {}, list(params), name)
         convs[name] = earlier
     nodes, constants = {}, {}
     for name, op in plan.affines.items():
-        nodes[name] = onnx.NodeProto()
-        nodes[name].CopyFrom(op.node)
+        nodes[name] = copy_node(op.node)
         for input_name in op.node.input:
             value = index.constant(input_name) if input_name != op.data_input else None
             if value is not None:

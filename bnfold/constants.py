@@ -11,7 +11,7 @@
    per-channel mean and biased variance; on a constant X (NF-Nets standardise their conv weights so)
    with its running mean/var outputs unread, Y is a constant: computed in float64 and rounded once.
 
-`bnfold.graph.GraphIndex.constant` asks this module when it meets such a node; `bnfold.rewrite`
+`bnfold.graph.GraphIndex.constant` asks this module when it meets such a node; `bnfold.node_merges`
 replaces a constant training-mode BN by an initializer named like its output.
 """
 

@@ -30,6 +30,8 @@ Everything is computed in float64 from the stored values and rounded once by `ro
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,13 +68,34 @@ class ChannelAffine:
         )
 
 
-def spread_affine(affine: ChannelAffine, inner: int, length: int) -> ChannelAffine:
-    """The map per entry of an axis of `length` where entry f holds channel (f // inner) % C (channels
-    merged with neighbouring axes by a Flatten or Reshape)."""
-    channels = affine.channels
-    if inner == 1 and length == channels:
+def compose_affines(affines: Iterable[ChannelAffine | None]) -> ChannelAffine | None:
+    """The maps applied one after the other, in data order; absent ones (None) are skipped, and
+    None comes back when there is no map at all."""
+    result = None
+    for affine in affines:
+        if affine is not None:
+            result = affine if result is None else result.then(affine)
+    return result
+
+
+@dataclass(frozen=True)
+class ChannelSpread:
+    """Where a tensor's channels are after layout nodes: along `axis`, of size `length`, entry f
+    holds channel (f // inner) % channels. Flatten of [N, C, H, W] spreads C over axis 1 with
+    inner = H*W; a layout that keeps the channel axis whole has inner 1 and length C."""
+
+    axis: int
+    inner: int
+    length: int
+
+
+def spread_affine(affine: ChannelAffine, spread: ChannelSpread) -> ChannelAffine:
+    """The map per entry of the axis the channels are spread over (merged with neighbouring axes
+    by a Flatten or Reshape)."""
+    channels, inner = affine.channels, spread.inner
+    if inner == 1 and spread.length == channels:
         return affine
-    repeats = length // (channels * inner)
+    repeats = spread.length // (channels * inner)
     return ChannelAffine(np.tile(np.repeat(affine.scale, inner), repeats), np.tile(np.repeat(affine.shift, inner), repeats))
 
 
@@ -82,7 +105,7 @@ def bn_affine(
     """The affine map of inference BatchNormalization (each parameter a [C] vector), in float64."""
     params = np.array((gamma, beta, mean, var), dtype=np.float64)  # [4, C]
     gamma, beta, mean, var = params
-    if not np.isfinite(params).all() or not np.isfinite(eps):
+    if not math.isfinite(eps) or not np.isfinite(params).all():
         raise InvalidAffineError("BN parameters contain NaN or Inf")
     denominator = var + np.float64(eps)
     if (denominator <= 0).any():

@@ -22,23 +22,24 @@ from bnfold.graph import function_graph, function_scope, references_attributes, 
 from bnfold.report import Reason, SkippedRecord
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bnfold.rewrite import _Folder
+    from bnfold.rewrite import Rewriter
 
 
-def fold_function(folder: _Folder, function: onnx.FunctionProto) -> None:
-    """Fold inside `function` (part of the folder's model, edited in place) with the folder's passes."""
+def fold_function(rewriter: Rewriter, function: onnx.FunctionProto) -> None:
+    """Fold inside `function` (part of the rewriter's model, edited in place) with its passes."""
     scope = function_scope(function)
+    session = rewriter.session
     if references_attributes(function.node):
-        folder.outcome.skipped.extend(_attribute_refusals(function, scope))
+        session.log.skipped.extend(_attribute_refusals(function, scope))
         return
     body = function_graph(function)
-    model_opset, store = folder.opset, folder.store
-    folder.opset = next((o.version for o in function.opset_import if o.domain in ("", "ai.onnx")), model_opset)
-    folder.store = None  # no initializers to defer: new tensors go into Constant nodes, in the proto
+    model_opset, store = session.opset, session.store
+    session.opset = next((o.version for o in function.opset_import if o.domain in ("", "ai.onnx")), model_opset)
+    session.store = None  # no initializers to defer: new tensors go into Constant nodes, in the proto
     try:
-        folder.fold_graph(body, scope, None, input_kind=f"input of function '{function.name}' (a value of each call)")
+        rewriter.fold_graph(body, scope, None, input_kind=f"input of function '{function.name}' (a value of each call)")
     finally:
-        folder.opset, folder.store = model_opset, store
+        session.opset, session.store = model_opset, store
     constants = [onnx.helper.make_node("Constant", [], [tensor.name], value=tensor) for tensor in body.initializer]
     del function.node[:]
     function.node.extend(constants + list(body.node))

@@ -61,12 +61,38 @@ def tensor_values(tensor: onnx.TensorProto) -> np.ndarray:
         raise BadInputError(f"tensor '{tensor.name}' cannot be read ({type(error).__name__}: {error})") from None
 
 
+class PendingTensors:
+    """Arrays folding produced, held in memory until written. A tensor refers to one through an
+    external-data entry: location `PENDING_LOCATION`, offset the array's key. Only this class reads
+    or writes that convention."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def attach(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+        """Make `values` the data of `tensor` (whose data fields are already cleared)."""
+        key = str(len(self._arrays))
+        self._arrays[key] = values
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for entry_key, value in (("location", PENDING_LOCATION), ("offset", key)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = entry_key, value
+
+    def of(self, info: dict[str, str]) -> np.ndarray | None:
+        """The array an external-data entry (`external_info` of a tensor) refers to; None when
+        it refers to a file."""
+        return self._arrays[info["offset"]] if info.get("location") == PENDING_LOCATION else None
+
+    def clear(self) -> None:
+        self._arrays.clear()
+
+
 class TensorStore:
     """Reads any tensor of one model; holds the arrays folding produced until they are written."""
 
     def __init__(self, base_dir: Path | None = None) -> None:
         self.base_dir = base_dir
-        self._pending: dict[str, np.ndarray] = {}
+        self._pending = PendingTensors()
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -79,8 +105,9 @@ class TensorStore:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:  # (is_deferred, inlined: a hot path)
             return tensor_values(tensor)
         info = external_info(tensor)
-        if info.get("location") == PENDING_LOCATION:
-            return self._pending[info["offset"]]
+        pending = self._pending.of(info)
+        if pending is not None:
+            return pending
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
         path, offset, length = self._file(tensor), int(info.get("offset", 0)), self.byte_length(tensor)
         shape = tuple(tensor.dims)
@@ -94,8 +121,9 @@ class TensorStore:
 
     def byte_length(self, tensor: onnx.TensorProto) -> int:
         info = external_info(tensor)
-        if info.get("location") == PENDING_LOCATION:
-            return self._pending[info["offset"]].nbytes
+        pending = self._pending.of(info)
+        if pending is not None:
+            return pending.nbytes
         if "length" in info:
             return int(info["length"])
         return self._file(tensor).stat().st_size - int(info.get("offset", 0))
@@ -103,8 +131,9 @@ class TensorStore:
     def chunks(self, tensor: onnx.TensorProto) -> Iterator[bytes | memoryview]:
         """The raw little-endian bytes of a deferred tensor, in pieces (files are never read whole)."""
         info = external_info(tensor)
-        if info.get("location") == PENDING_LOCATION:
-            values = np.ascontiguousarray(self._pending[info["offset"]])
+        pending = self._pending.of(info)
+        if pending is not None:
+            values = np.ascontiguousarray(pending)
             yield memoryview(values.reshape(-1).view(np.uint8))  # bytes as stored: little-endian
             return
         path, offset, length = self._file(tensor), int(info.get("offset", 0)), self.byte_length(tensor)
@@ -126,25 +155,22 @@ class TensorStore:
 
     # --- writing -----------------------------------------------------------------------------
 
-    def assign(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+    def assign(self, tensor: onnx.TensorProto, values: np.ndarray, new: bool = False) -> None:
         """Give `tensor` new values (and the type and dims of `values`). Large ones are kept here
         until written; small ones go straight into the proto (their arena cost is negligible and
-        the model stays plain, which keeps writing 10,000 small tensors fast)."""
-        for name in _DATA_FIELDS:
-            tensor.ClearField(name)
+        the model stays plain, which keeps writing 10,000 small tensors fast). `new`: the tensor
+        holds nothing yet but its name (no data fields to clear)."""
+        if not new:
+            for name in _DATA_FIELDS:
+                tensor.ClearField(name)
         del tensor.dims[:]
         tensor.dims.extend(values.shape)
         tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
         if values.nbytes < DEFER_BYTES:
             tensor.ClearField("data_location")
-            tensor.raw_data = np.ascontiguousarray(values).reshape(-1).view(np.uint8).tobytes()
+            tensor.raw_data = values.tobytes()  # C order, native (little-endian) bytes
             return
-        key = str(len(self._pending))
-        self._pending[key] = values
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        for entry_key, value in (("location", PENDING_LOCATION), ("offset", key)):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = entry_key, value
+        self._pending.attach(tensor, values)
 
     def materialize(self, model: onnx.ModelProto, nested_only: bool = False, keep_pending: bool = False) -> None:
         """Put deferred tensors' data into the proto (the plain, self-contained form); with

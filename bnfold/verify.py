@@ -27,10 +27,10 @@ import onnx
 from bnfold.affine_probe import magnitude_constants, probe_affines, probe_spec
 from bnfold.constants import EvaluatedConstant, recompute
 from bnfold.errors import first_line
-from bnfold.fold_math import ChannelAffine, is_bfloat16, spread_affine
+from bnfold.fold_math import ChannelAffine, compose_affines, is_bfloat16, spread_affine
 from bnfold.graph import function_graph, function_scope, scoped_subgraphs
 from bnfold.report import TensorCheck, Verification
-from bnfold.rewrite import Provenance
+from bnfold.provenance import LayerProvenance as Provenance
 from bnfold.rules.layers import fold_parameters, match_layer, peak_abs
 from bnfold.ort_child import Child
 from bnfold.runtime import RunConfig, Tensors, compare_outputs
@@ -328,7 +328,7 @@ def _expected_parameters(provenance: Sequence[Provenance]) -> Iterator[_Expected
         post_bound = max([_peak(next(bounds).shift) for _ in record.post], default=0.0)
         try:
             layer = match_layer(record.layer_node, GraphIndex.of_constants([record.layer_node], record.layer_params, 21))
-            params = fold_parameters(layer, _composed(pre), _composed(post))
+            params = fold_parameters(layer, compose_affines(pre), compose_affines(post))
         except Exception as error:  # noqa: BLE001
             yield error
             continue
@@ -368,17 +368,7 @@ def _restricted(affine: ChannelAffine, segment) -> ChannelAffine:
 
 
 def _spread(affine: ChannelAffine, segment) -> ChannelAffine:
-    return affine if segment.spread is None else spread_affine(affine, *segment.spread)
-
-
-def _composed(affines: list[ChannelAffine]) -> ChannelAffine | None:
-    """Maps applied one after the other, in data order (each already in the layer's channel order)."""
-    if not affines:
-        return None
-    result = affines[0]
-    for affine in affines[1:]:
-        result = result.then(affine)
-    return result
+    return affine if segment.spread is None else spread_affine(affine, segment.spread)
 
 
 def _initializers_by_scope(model: onnx.ModelProto) -> dict[tuple[str, str], onnx.TensorProto]:

@@ -13,8 +13,8 @@ import onnx
 
 from bnfold.affine_probe import probe_affines, probe_spec
 from bnfold.branch_math import ConvBranch, evaluate, magnitude
-from bnfold.branch_merge import BranchProvenance
 from bnfold.errors import first_line
+from bnfold.provenance import BranchProvenance
 from bnfold.report import TensorCheck
 from bnfold.rules.branches import conv_branch
 from bnfold.rules.refusal import Refusal
@@ -28,14 +28,14 @@ def branch_checks(records: Sequence[BranchProvenance], tensors: dict[tuple[str, 
     for record in records:
         layer_name = record.output
         try:
-            expected, floor = _expected(record)
+            expected, magnitude_of_terms = _expected(record)
         except Exception as error:  # noqa: BLE001 - never a traceback, never a pass
             why = f"not recomputed: {type(error).__name__}: {first_line(error)}"
             checks.extend(TensorCheck(name, layer_name, float("inf"), False, why[:200]) for name in record.written)
             continue
         for name, values in zip(record.written, expected):
             written = tensors.get((record.scope, name))
-            error = float("inf") if written is None else ulp_error(store.read(written), values, floor)
+            error = float("inf") if written is None else ulp_error(store.read(written), values, magnitude_of_terms)
             checks.append(TensorCheck(name, layer_name, error, error <= 1.0))
     return checks
 
@@ -55,5 +55,4 @@ def _expected(record: BranchProvenance) -> tuple[list[np.ndarray], float]:
     specs = [probe_spec([record.affine_nodes[name]], record.constants, record.rank) for name in names]
     affines = dict(zip(names, probe_affines(specs)))
     term = evaluate(record.expr, branches.__getitem__, affines.__getitem__)
-    floor = magnitude(record.expr, branches.__getitem__, affines.__getitem__)
-    return [term.weight, term.bias], floor
+    return [term.weight, term.bias], magnitude(record.expr, branches.__getitem__, affines.__getitem__)

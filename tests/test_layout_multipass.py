@@ -62,7 +62,7 @@ def test_scalar_maps_after_transpose_into_rank3_matmul_verify() -> None:
 def test_second_pass_through_reshape_into_a_folded_gemm_verifies() -> None:
     """BN -> Gemm -> BN1d -> Reshape [N, C, 1, 1] -> BN2d. Pass 1 folds BN (forward) and BN1d
     (backward); the forward fold makes a second pass, which folds BN2d through the Reshape into the
-    same Gemm. `_Folder._provenance` then extends the first record's `post` with the new BN
+    same Gemm. `layer_folds._layer_provenance` then extends the first record's `post` with the new BN
     (`earlier.post + post`), although a Reshape sits between them: the probe chain is not
     contiguous and onnx's reference evaluator raises "Unable to find input 'reshape..'"."""
     g = GraphBuilder()

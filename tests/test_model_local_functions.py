@@ -92,16 +92,16 @@ def test_a_bn_inside_a_function_folds_into_its_conv(calls: int) -> None:
 
 def test_the_analytic_check_reads_the_tensors_written_into_a_function(monkeypatch: pytest.MonkeyPatch) -> None:
     # A wrong fold inside a function body must fail verification at its source.
-    from bnfold import rewrite
+    from bnfold import layer_folds
 
-    real = rewrite.build_nodes
+    real = layer_folds.build_nodes
 
     def off_by_a_little(*args, **kwargs):
         nodes, tensors = real(*args, **kwargs)
         return nodes, {name: values * np.float32(1.001) if values.ndim == 4 else values
                        for name, values in tensors.items()}
 
-    monkeypatch.setattr(rewrite, "build_nodes", off_by_a_little)
+    monkeypatch.setattr(layer_folds, "build_nodes", off_by_a_little)
     result = bnfold.fold(_model(), raise_on_failure=False)
     assert [t.passed for t in result.report.verification.tensors] == [False, True]
 

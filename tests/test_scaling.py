@@ -8,7 +8,7 @@ import pytest
 from builders import GraphBuilder
 
 import bnfold
-from bnfold import graph, rewrite
+from bnfold import edits, fold_session, graph, rewrite
 from bnfold.rules import chains
 
 
@@ -23,7 +23,7 @@ def _pairs(n: int):
 def _count_work(monkeypatch, n: int) -> dict[str, int]:
     counts = {"index_builds": 0, "nodes_indexed": 0, "plans": 0, "affine_matches": 0, "dead_scans": 0}
     real_init, real_plan, real_match, real_dead = (graph.GraphIndex.__init__, chains.plan_pass,
-                                                   chains.match_affine, rewrite._dead_values)
+                                                   chains.match_affine, edits.dead_values)
 
     def init(self, g, *args, **kwargs):
         counts["index_builds"] += 1
@@ -45,7 +45,7 @@ def _count_work(monkeypatch, n: int) -> dict[str, int]:
     monkeypatch.setattr(graph.GraphIndex, "__init__", init)
     monkeypatch.setattr(rewrite, "plan_pass", plan)
     monkeypatch.setattr(chains, "match_affine", match)
-    monkeypatch.setattr(rewrite, "_dead_values", dead)
+    monkeypatch.setattr(edits, "dead_values", dead)
     result = bnfold.fold(_pairs(n), verify=False)
     assert len(result.report.folded) == n
     return counts
@@ -86,13 +86,13 @@ def test_conv_bn_folds_never_run_shape_inference(monkeypatch):
     """Conv/ConvTranspose → BN needs no shapes: shape inference (a whole-graph pass, ~25% of the fold
     time on 10,000 pairs) must only run when a rule needs a rank or dim (MatMul, Mul/Add, SAME)."""
     calls = []
-    real = rewrite.infer_value_infos
+    real = fold_session.infer_value_infos
 
     def spy(model):
         calls.append(len(model.graph.node))
         return real(model)
 
-    monkeypatch.setattr(rewrite, "infer_value_infos", spy)
+    monkeypatch.setattr(fold_session, "infer_value_infos", spy)
     result = bnfold.fold(_pairs(20), verify=False)
     assert len(result.report.folded) == 20
     assert calls == []

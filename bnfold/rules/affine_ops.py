@@ -18,6 +18,7 @@ from bnfold.fold_math import (
     ChannelAffine,
     InvalidAffineError,
     bn_affine,
+    compose_affines,
     is_float,
     scale_affine,
     shift_affine,
@@ -42,6 +43,20 @@ class AffineOp:
     @property
     def output(self) -> str:
         return self.node.output[0]
+
+
+def chain_affine(chain: list[AffineOp]) -> ChannelAffine | None:
+    """The map a chain of ops computes (None for an empty chain)."""
+    return compose_affines(op.affine for op in chain)
+
+
+def chain_axis(chain: list[AffineOp]) -> int | None:
+    """The axis a chain acts on: that of its first per-channel op (None if all are scalar maps)."""
+    return next((op.axis for op in chain if op.axis is not None), None)
+
+
+def chain_channels(chain: list[AffineOp]) -> int:
+    return max(op.affine.channels for op in chain)
 
 
 def is_default_domain(node: onnx.NodeProto) -> bool:

@@ -20,6 +20,7 @@ from bnfold.fold_math import round_to_dtype
 from bnfold.graph import GraphIndex, attribute
 from bnfold.report import Reason
 from bnfold.rules.affine_ops import AffineOp, is_candidate, is_default_domain, match_affine
+from bnfold.rules.layer_kinds import auto_pad
 from bnfold.rules.layers import Layer, match_layer
 from bnfold.rules.conv_attributes import invalid_attribute
 from bnfold.rules.refusal import Refusal
@@ -168,16 +169,15 @@ def conv_branch(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | Non
     kernel = weight.shape[2:]
     strides = tuple(attribute(node, "strides", None) or (1,) * spatial)
     dilations = tuple(attribute(node, "dilations", None) or (1,) * spatial)
-    auto_pad = attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+    padding = auto_pad(node)
+    if padding in ("SAME_UPPER", "SAME_LOWER"):
         if any(s != 1 for s in strides):
-            return Refusal(Reason.BRANCH_GEOMETRY_MISMATCH, f"Conv '{node.name}' {auto_pad} with strides "
+            return Refusal(Reason.BRANCH_GEOMETRY_MISMATCH, f"Conv '{node.name}' {padding} with strides "
                            f"{list(strides)}: its padding depends on the input size")
         totals = [(k - 1) * d for k, d in zip(kernel, dilations)]
-        begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
+        begins = [t // 2 if padding == "SAME_UPPER" else t - t // 2 for t in totals]
         pads = tuple(begins) + tuple(t - b for t, b in zip(totals, begins))
-    elif auto_pad == "VALID":
+    elif padding == "VALID":
         pads = (0,) * (2 * spatial)
     else:
         pads = tuple(attribute(node, "pads", None) or (0,) * (2 * spatial))

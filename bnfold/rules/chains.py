@@ -11,9 +11,10 @@ where every link but the last has a single consumer. For each chain, in order of
              (`bnfold.rules.gemm_bias`), unless a fold above already takes the MatMul or the Add.
 
 Readers of a value that look only at its shape or dtype (`bnfold.rules.readers`) do not count as
-consumers: the fold keeps every shape and dtype, and `bnfold.rewrite` rewires them.
+consumers: the fold keeps every shape and dtype, and `bnfold.edits` rewires them.
 
-Planning reads the `GraphIndex` only; `bnfold.rewrite` applies the plans.
+Planning reads the `GraphIndex` only; `bnfold.rewrite` applies the plans (`bnfold.layer_folds`,
+`bnfold.node_merges`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from bnfold.fold_math import ChannelAffine, round_to_dtype, spread_affine
+from bnfold.fold_math import ChannelAffine, ChannelSpread, round_to_dtype, spread_affine
 from bnfold.graph import GraphIndex
-from bnfold.rules.affine_ops import AffineOp, is_candidate, match_affine
+from bnfold.rules.affine_ops import AffineOp, chain_affine, chain_axis, chain_channels, is_candidate, match_affine
 from bnfold.rules.gemm_bias import GemmBiasPlan, match_gemm_bias
 from bnfold.rules.layers import LAYER_OPS, Layer, backward_refusal, forward_refusal, match_layer, overflow_refusal
 from bnfold.rules.multi_producer import JOIN_OPS, join_plans, joined_chain_head
-from bnfold.rules.passthrough import PASSTHROUGH_OPS, ChannelSpread, axis_before, spread_after, walk_passthrough
+from bnfold.rules.passthrough import PASSTHROUGH_OPS, axis_before, spread_after, walk_passthrough
 from bnfold.rules.readers import data_consumer, data_readers
 
 
@@ -40,24 +41,24 @@ class LayerPlan:
     layer: Layer
     pre: list[AffineOp] = field(default_factory=list)
     post: list[AffineOp] = field(default_factory=list)
-    between: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes before `post`
-    pre_between: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes after `pre`
+    layout_after: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes between the layer and `post`
+    layout_before: list[onnx.NodeProto] = field(default_factory=list)  # layout-only nodes between `pre` and the layer
     pre_spread: ChannelSpread | None = None  # where `pre`'s channels are at the layer's input
-    # `post` after a Concat/Add joining several layers (`between` is that node): the layer's channel
+    # `post` after a Concat/Add joining several layers (`layout_after` is that node): the layer's channel
     # slice of the chain, or only its scale (`bnfold.rules.multi_producer`).
     post_slice: tuple[int, int] | None = None
     post_scale_only: bool = False
 
     @property
     def pre_affine(self) -> ChannelAffine | None:
-        affine = compose(self.pre)
+        affine = chain_affine(self.pre)
         if affine is None or self.pre_spread is None:
             return affine
-        return spread_affine(affine, self.pre_spread.inner, self.pre_spread.length)
+        return spread_affine(affine, self.pre_spread)
 
     @property
     def post_affine(self) -> ChannelAffine | None:
-        return compose(self.post)
+        return chain_affine(self.post)
 
 
 @dataclass(frozen=True)
@@ -77,29 +78,21 @@ class PassPlan:
         return bool(self.layers or self.merges or self.gemm_biases)
 
 
-def compose(chain: list[AffineOp]) -> ChannelAffine | None:
-    if not chain:
-        return None
-    affine = chain[0].affine
-    for op in chain[1:]:
-        affine = affine.then(op.affine)
-    return affine
-
-
-def chain_axis(chain: list[AffineOp]) -> int | None:
-    return next((op.axis for op in chain if op.axis is not None), None)
-
-
-def chain_channels(chain: list[AffineOp]) -> int:
-    return max(op.affine.channels for op in chain)
-
-
 def plan_pass(index: GraphIndex) -> PassPlan:
     """Every non-conflicting fold available in the graph as it is now."""
-    plan = PassPlan()
     by_layer: dict[str, LayerPlan] = {}  # layer output name -> its plan
     claimed: set[str] = set()  # outputs of affine ops already placed in a plan
-    walked: set[str] = set()  # affine ops already seen in a forward chain (keeps walking linear)
+    biases = _plan_backward(index, by_layer, claimed)
+    _plan_joins(index, by_layer, claimed)
+    merges = _plan_forward(index, by_layer, claimed)
+    # A forward fold into the MatMul, or of the Add into the next layer, removes as many nodes:
+    # it goes first, and the Gemm can form in a later pass.
+    gemm_biases = [b for b in biases if b.layer.output not in by_layer and b.output not in claimed]
+    return PassPlan(list(by_layer.values()), merges, gemm_biases)
+
+
+def _plan_backward(index: GraphIndex, by_layer: dict[str, LayerPlan], claimed: set[str]) -> list[GemmBiasPlan]:
+    """Chains after layers, folded into them; MatMul + bias pairs that could become Gemms."""
     biases: list[GemmBiasPlan] = []
     for node in index.nodes:
         if node.op_type not in LAYER_OPS or not node.output:
@@ -113,14 +106,20 @@ def plan_pass(index: GraphIndex) -> PassPlan:
         layer = match_layer(node, index)
         if isinstance(layer, Layer):
             between, post = walk_backward_chain(layer, index)
-            if post and worth_folding(layer, post) and overflow_refusal(layer, None, compose(post)) is None:
-                by_layer[layer.output] = LayerPlan(layer, post=post, between=between)
+            if post and worth_folding(layer, post) and overflow_refusal(layer, None, chain_affine(post)) is None:
+                by_layer[layer.output] = LayerPlan(layer, post=post, layout_after=between)
                 claimed.update(op.output for op in post)
             elif follower is direct:
                 bias = match_gemm_bias(layer, direct, index)
                 if isinstance(bias, GemmBiasPlan):
                     biases.append(bias)
-    _plan_joins(index, by_layer, claimed)
+    return biases
+
+
+def _plan_forward(index: GraphIndex, by_layer: dict[str, LayerPlan], claimed: set[str]) -> list[MergePlan]:
+    """Chains before layers, folded into them; chains no layer takes, merged into one BN."""
+    merges: list[MergePlan] = []
+    walked: set[str] = set()  # affine ops already seen in a forward chain (keeps walking linear)
     for node in index.nodes:
         if not is_candidate(node) or node.output[0] in claimed or node.output[0] in walked:
             continue
@@ -132,22 +131,17 @@ def plan_pass(index: GraphIndex) -> PassPlan:
         through_layout = forward_layout_target(chain, index, by_layer) if targets is None else None
         if through_layout is not None:
             layer, between, spread = through_layout
-            by_layer.setdefault(layer.output, LayerPlan(layer))
-            by_layer[layer.output].pre, by_layer[layer.output].pre_between = chain, between
-            by_layer[layer.output].pre_spread = spread
-            claimed.update(op.output for op in chain)
+            planned = by_layer.setdefault(layer.output, LayerPlan(layer))
+            planned.pre, planned.layout_before, planned.pre_spread = chain, between, spread
         elif isinstance(targets, list):
             for layer in targets:
                 by_layer.setdefault(layer.output, LayerPlan(layer)).pre = chain
-            claimed.update(op.output for op in chain)
         elif len(chain) >= 2 and mergeable(chain, index):
-            plan.merges.append(MergePlan(chain))
-            claimed.update(op.output for op in chain)
-    plan.layers = list(by_layer.values())
-    # A forward fold into the MatMul, or of the Add into the next layer, removes as many nodes:
-    # it goes first, and the Gemm can form in a later pass.
-    plan.gemm_biases = [b for b in biases if b.layer.output not in by_layer and b.output not in claimed]
-    return plan
+            merges.append(MergePlan(chain))
+        else:
+            continue
+        claimed.update(op.output for op in chain)
+    return merges
 
 
 def _plan_joins(index: GraphIndex, by_layer: dict[str, LayerPlan], claimed: set[str]) -> None:
@@ -163,7 +157,7 @@ def _plan_joins(index: GraphIndex, by_layer: dict[str, LayerPlan], claimed: set[
         if parts is None:
             continue
         for part in parts:
-            by_layer[part.layer.output] = LayerPlan(part.layer, post=part.chain, between=[node],
+            by_layer[part.layer.output] = LayerPlan(part.layer, post=part.chain, layout_after=[node],
                                                     post_slice=part.channels, post_scale_only=part.scale_only)
         claimed.update(op.output for op in chain)
 
@@ -240,7 +234,7 @@ def forward_targets(chain: list[AffineOp], index: GraphIndex, by_layer: dict[str
     if not consumers or end in index.graph_outputs:
         return None
     layers = []
-    affine = compose(chain)
+    affine = chain_affine(chain)
     shift_free = not affine.shift.any()
     for consumer in consumers:
         layer = match_layer(consumer, index)
@@ -279,9 +273,9 @@ def forward_layout_target(chain: list[AffineOp], index: GraphIndex, by_layer: di
     spread = None if axis is None else spread_after(between, axis, channels, index)
     if axis is not None and spread is None:
         return None
-    affine = compose(chain)
+    affine = chain_affine(chain)
     if spread is not None:
-        affine = spread_affine(affine.expanded(channels), spread.inner, spread.length)
+        affine = spread_affine(affine.expanded(channels), spread)
     if forward_refusal(layer, None if spread is None else spread.axis, affine.channels, not affine.shift.any()):
         return None
     if not _can_take_pre(layer, affine, by_layer):
@@ -297,13 +291,13 @@ def mergeable(chain: list[AffineOp], index: GraphIndex) -> bool:
     # The merged scale and shift are stored in the first BN's parameter dtype: they must fit.
     bn = next(op for op in chain if op.node.op_type == "BatchNormalization")
     dtype = index.constant(bn.node.input[1]).dtype
-    affine = compose(chain)
+    affine = chain_affine(chain)
     return all(np.isfinite(round_to_dtype(v, dtype)).all() for v in (affine.scale, affine.shift))
 
 
 def worth_folding(layer: Layer, post: list[AffineOp]) -> bool:
     """MatMul -> Add(bias) is already the canonical form: folding only shifts into it would not
     remove anything, just turn it into a Gemm."""
-    if layer.kind != "MatMul":
+    if layer.has_bias_input:
         return True
     return any(op.node.op_type not in ("Add", "Sub") or (op.affine.scale != 1).any() for op in post)

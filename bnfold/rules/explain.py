@@ -16,8 +16,8 @@ import onnx
 
 from bnfold.graph import GraphIndex
 from bnfold.report import Reason, SkippedRecord
-from bnfold.rules.affine_ops import ARITHMETIC_OPS, AffineOp, is_candidate, is_default_domain, match_affine, match_batch_norm
-from bnfold.rules.chains import compose, worth_folding
+from bnfold.rules.affine_ops import ARITHMETIC_OPS, AffineOp, chain_affine, is_candidate, is_default_domain, match_affine, match_batch_norm
+from bnfold.rules.chains import worth_folding
 from bnfold.rules.gemm_bias import match_gemm_bias
 from bnfold.rules.layers import LAYER_OPS, Layer, backward_refusal, forward_refusal, match_layer, overflow_refusal
 from bnfold.rules.passthrough import PASSTHROUGH_OPS, axis_before
@@ -65,7 +65,7 @@ def explain(node: onnx.NodeProto, index: GraphIndex) -> Refusal | None:
         return None  # not next to a layer
     if isinstance(op, Refusal):
         # A constant that is no per-channel map may still be a MatMul's bias that Gemm's C takes.
-        direct = path is not None and not path.between and not path.links
+        direct = path is not None and not path.layout_after and not path.links
         return (_bias_refusal(node, path, index) if direct else None) or op
     backward = None if path is None else _backward_refusal(op, path, index)
     forward = _forward_refusal(op, index)
@@ -104,13 +104,13 @@ class _Path:
     """layer -> layout nodes -> maps -> the op explained, as the planner would walk it."""
 
     layer: onnx.NodeProto
-    between: list[onnx.NodeProto] = field(default_factory=list)
+    layout_after: list[onnx.NodeProto] = field(default_factory=list)
     links: list[AffineOp] = field(default_factory=list)
 
 
 def _path_to_layer(data_input: str, index: GraphIndex) -> _Path | None:
     """The layer `data_input` comes from through maps and then layout nodes, or None."""
-    between: list[onnx.NodeProto] = []
+    layout: list[onnx.NodeProto] = []
     links: list[AffineOp] = []
     current = data_input
     for _ in range(MAX_PATH):
@@ -118,12 +118,12 @@ def _path_to_layer(data_input: str, index: GraphIndex) -> _Path | None:
         if producer is None or not is_default_domain(producer):
             return None
         if producer.op_type in LAYER_OPS:
-            return _Path(producer, between, links)
+            return _Path(producer, layout, links)
         if producer.op_type in PASSTHROUGH_OPS and producer.input and len(producer.output) == 1:
-            between.insert(0, producer)
+            layout.insert(0, producer)
             current = producer.input[0]
             continue
-        link = match_affine(producer, index, None) if is_candidate(producer) and not between else None
+        link = match_affine(producer, index, None) if is_candidate(producer) and not layout else None
         if not isinstance(link, AffineOp) or link.output != current:
             return None
         links.insert(0, link)
@@ -140,21 +140,21 @@ def _backward_refusal(op: AffineOp, path: _Path, index: GraphIndex) -> Refusal |
     refusal = _reader_refusal(layer, path, index)
     if refusal is not None:
         return refusal
-    if not path.between and not path.links:
+    if not path.layout_after and not path.links:
         bias = _bias_refusal(op.node, path, index)
         if bias is not None:
             return bias
     for link in [*path.links, op]:
         axis = link.axis
-        if axis is not None and path.between:
-            axis = axis_before(path.between, axis, index)
+        if axis is not None and path.layout_after:
+            axis = axis_before(path.layout_after, axis, index)
             if axis is None:
                 return _layout_refusal(link, path, layer, name, index)
         refusal = backward_refusal(layer, axis, link.affine.channels)
         if refusal is not None:
             return refusal
     chain = [*path.links, op]
-    refusal = overflow_refusal(layer, None, compose(chain))
+    refusal = overflow_refusal(layer, None, chain_affine(chain))
     if refusal is not None:
         return refusal
     if not worth_folding(layer, chain):
@@ -177,7 +177,7 @@ def _reader_refusal(layer: Layer, path: _Path, index: GraphIndex) -> Refusal | N
     """Is a value on the way from the layer to the op a graph output or read (for its numbers)
     by another node? Folding would change what that reader sees."""
     name = path.layer.name or layer.output
-    for value in [layer.output, *(n.output[0] for n in path.between), *(link.output for link in path.links)]:
+    for value in [layer.output, *(n.output[0] for n in path.layout_after), *(link.output for link in path.links)]:
         where = "output" if value == layer.output else f"output (as '{value}')"
         if value in index.graph_outputs:
             return Refusal(Reason.PRODUCER_IS_GRAPH_OUTPUT, f"{layer.kind} '{name}' {where} is a graph output")
@@ -190,14 +190,14 @@ def _reader_refusal(layer: Layer, path: _Path, index: GraphIndex) -> Refusal | N
 def _layout_refusal(link: AffineOp, path: _Path, layer: Layer, name: str, index: GraphIndex) -> Refusal:
     """The map's channels could not be followed back through the layout nodes to the layer's:
     `unknown_shape` when that depends on dims the graph does not fix, else the layout mixes them."""
-    for node in path.between:
+    for node in path.layout_after:
         shapes = [index.info(value) for value in (node.input[0], node.output[0])]
         if node.op_type not in ("Identity", "Transpose") and any(
                 info is None or info.shape is None or not all(isinstance(d, int) for d in info.shape) for info in shapes):
             dims = " -> ".join("?" if i is None or i.shape is None else str(list(i.shape)) for i in shapes)
             return Refusal(Reason.UNKNOWN_SHAPE, f"{node.op_type} '{node.name or node.output[0]}' ({dims}): whether it "
                            "keeps the channels whole depends on dims the graph does not fix")
-    layout = ", ".join(n.op_type for n in path.between)
+    layout = ", ".join(n.op_type for n in path.layout_after)
     return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"axis {link.axis} after {layout} is not one whole axis of "
                    f"{layer.kind} '{name}' output")
 

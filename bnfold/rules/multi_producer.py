@@ -20,7 +20,7 @@ import onnx
 
 from bnfold.fold_math import ChannelAffine
 from bnfold.graph import GraphIndex, attribute
-from bnfold.rules.affine_ops import AffineOp, is_candidate, is_default_domain
+from bnfold.rules.affine_ops import AffineOp, chain_affine, chain_axis, chain_channels, is_candidate, is_default_domain
 from bnfold.rules.layers import Layer, backward_refusal, match_layer, overflow_refusal
 
 JOIN_OPS = frozenset({"Concat", "Add"})
@@ -49,16 +49,16 @@ def join_plans(join: onnx.NodeProto, chain: list[AffineOp], index: GraphIndex, p
     for name in join.input:
         node = index.producer_of(name)
         layer = None if node is None else match_layer(node, index)
-        if not isinstance(layer, Layer) or layer.kind == "MatMul" or layer.output != name \
+        if not isinstance(layer, Layer) or not layer.has_bias_input or layer.output != name \
                 or layer.output in planned or index.consumer_count(name) != 1:
             return None  # a MatMul's bias needs an Add of its own: not a single-node hand-over
         layers.append(layer)
-    axis = _chain_axis(chain)
+    axis = chain_axis(chain)
     if any(layer.out_axis != 1 or layer.output_rank != layers[0].output_rank for layer in layers):
         return None
     if axis not in (None, 1):
         return None
-    if any(op.affine.channels != 1 and op.affine.channels != _chain_channels(chain) for op in chain):
+    if any(op.affine.channels != 1 and op.affine.channels != chain_channels(chain) for op in chain):
         return None
     if join.op_type == "Concat":
         parts = _concat_parts(join, layers, chain)
@@ -73,7 +73,7 @@ def _concat_parts(join: onnx.NodeProto, layers: list[Layer], chain: list[AffineO
     if rank is None or not -rank <= concat_axis < rank or concat_axis % rank != 1:
         return None  # only a Concat along the layers' channel axis splits the map by layer
     total = sum(layer.out_channels for layer in layers)
-    if _chain_channels(chain) not in (1, total):
+    if chain_channels(chain) not in (1, total):
         return None
     parts, start = [], 0
     for layer in layers:
@@ -87,7 +87,7 @@ def _concat_parts(join: onnx.NodeProto, layers: list[Layer], chain: list[AffineO
 
 def _add_parts(layers: list[Layer], chain: list[AffineOp]) -> list[JoinedPart] | None:
     channels = layers[0].out_channels
-    if len(layers) != 2 or layers[1].out_channels != channels or _chain_channels(chain) not in (1, channels):
+    if len(layers) != 2 or layers[1].out_channels != channels or chain_channels(chain) not in (1, channels):
         return None
     scaled = [_restricted(op, lambda v: v.scale, lambda v: np.zeros_like(v.shift)) for op in chain]
     return [JoinedPart(layers[0], chain, None, False), JoinedPart(layers[1], scaled, None, True)]
@@ -98,24 +98,9 @@ def _restricted(op: AffineOp, scale, shift) -> AffineOp:
 
 
 def _absorbs(part: JoinedPart) -> bool:
-    affine = _compose(part.chain)
+    affine = chain_affine(part.chain)
     return backward_refusal(part.layer, 1, affine.channels) is None and \
         overflow_refusal(part.layer, None, affine) is None
-
-
-def _chain_channels(chain: list[AffineOp]) -> int:
-    return max(op.affine.channels for op in chain)
-
-
-def _chain_axis(chain: list[AffineOp]) -> int | None:
-    return next((op.axis for op in chain if op.axis is not None), None)
-
-
-def _compose(chain: list[AffineOp]) -> ChannelAffine:
-    affine = chain[0].affine
-    for op in chain[1:]:
-        affine = affine.then(op.affine)
-    return affine
 
 
 def joined_chain_head(join: onnx.NodeProto, index: GraphIndex) -> onnx.NodeProto | None:

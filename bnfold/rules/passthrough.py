@@ -14,26 +14,15 @@ element keeps its channel index under row-major order). Anything else ends the w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import onnx
 
+from bnfold.fold_math import ChannelSpread
 from bnfold.graph import GraphIndex, attribute
 from bnfold.rules.affine_ops import is_default_domain
 from bnfold.rules.readers import data_consumer
 
 PASSTHROUGH_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
-
-
-@dataclass(frozen=True)
-class ChannelSpread:
-    """Where a tensor's channels are after layout nodes: along `axis`, of size `length`, entry f
-    holds channel (f // inner) % channels. Flatten of [N, C, H, W] spreads C over axis 1 with
-    inner = H*W; a layout that keeps the channel axis whole has inner 1 and length C."""
-
-    axis: int
-    inner: int
-    length: int
 
 
 def walk_passthrough(start: str, index: GraphIndex) -> list[onnx.NodeProto]:
