@@ -29,6 +29,11 @@ CONSTANT_FOLDABLE_OPS = frozenset(
 # Constant subgraphs larger than this are left to the runtime: folding through them is not worth
 # evaluating an arbitrary program at fold time.
 MAX_CONSTANT_SUBGRAPH_NODES = 16
+# A constant subgraph may not make a tensor larger than this (ConstantOfShape([5e8]) in a 1 kB model
+# would otherwise take gigabytes at fold time); real computed biases and scales are per channel.
+MAX_CONSTANT_ELEMENTS = 1 << 24
+# op type -> position of the input whose *values* are the shape of the tensor the op creates
+_SHAPE_FROM_VALUES = {"ConstantOfShape": 0, "Expand": 1}
 
 
 @dataclass(frozen=True)
@@ -353,6 +358,8 @@ class GraphIndex:
             if input_name and value is None:
                 return None
             inputs.append(value)
+        if _too_large(node, inputs):
+            return None
         return _evaluate_node(node, inputs, self.opset, name)
 
     def _constant_input(self, node: onnx.NodeProto, position: int, name: str, budget: int) -> np.ndarray | None:
@@ -374,6 +381,19 @@ class GraphIndex:
         if any(value is None for value in inputs):
             return None
         return computed.training_bn_output(node, *inputs)
+
+
+def _too_large(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> bool:
+    """Would the op create a tensor above MAX_CONSTANT_ELEMENTS from a requested shape?"""
+    position = _SHAPE_FROM_VALUES.get(node.op_type)
+    if position is None or position >= len(inputs) or inputs[position] is None:
+        return False
+    dims = [int(d) for d in np.asarray(inputs[position]).reshape(-1)]
+    if node.op_type == "Expand" and inputs[0] is not None:  # broadcast with the input's own shape
+        data = list(np.shape(inputs[0]))
+        width = max(len(dims), len(data))
+        dims = [max(a, b) for a, b in zip([1] * (width - len(dims)) + dims, [1] * (width - len(data)) + data)]
+    return any(d < 0 for d in dims) or float(np.prod([float(d) for d in dims])) > MAX_CONSTANT_ELEMENTS
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
