@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from bnfold import file_access, interrupts
 from bnfold.errors import BadInputError, first_line
@@ -93,9 +94,9 @@ def check_structure(model: onnx.ModelProto, label: str,
     from bnfold.conformance import list_initializers_as_inputs, unlisted_initializers
     from bnfold.shapes import weight_free
 
-    tensors, bad_name = _scan_model(model)
-    if bad_name is not None:
-        raise BadInputError(f"{label}: invalid model: a name is not valid UTF-8 ({bad_name!r})")
+    tensors, bad_string = _scan_model(model)
+    if bad_string is not None:
+        raise BadInputError(f"{label}: invalid model: a string is not valid UTF-8 ({bad_string})")
     if check_tensors is not None:  # the external-data rules first: they say more than the checker
         check_tensors(tensors)
     for tensor in model.graph.initializer:  # the skeleton keeps only the types of big tensors
@@ -128,49 +129,82 @@ def model_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return _scan_model(model)[0]
 
 
-def _scan_model(model: onnx.ModelProto) -> tuple[list[onnx.TensorProto], bytes | None]:
+def _scan_model(model: onnx.ModelProto) -> tuple[list[onnx.TensorProto], str | None]:
+    """One walk over every message of the model: the tensors met (initializers, sparse tensors'
+    parts, attribute tensors — of the main graph, its subgraphs, training-info graphs and the
+    model-local functions) and the first string field that is not valid UTF-8, if any.
+
+    Protobuf parses such a string without complaint and hands it out as bytes, which bnfold's code
+    would then compare, copy or print as if it were text (a name that never matches, a copy that
+    raises): the model is refused instead, naming the field. Nodes and tensors, the bulk of a
+    model, are walked by hand; every other message through its descriptor."""
     tensors: list[onnx.TensorProto] = []
-    bad_name = _scan_graph(model.graph, tensors)
-    for function in model.functions:  # model-local functions: their Constant nodes carry tensors too
-        bad_name = bad_name or _scan_nodes(function.node, tensors)
-    return tensors, bad_name
+    pending: list[Message] = [model]
+    while pending:
+        message = pending.pop()
+        if isinstance(message, onnx.NodeProto):
+            bad = _scan_node(message, pending)
+        elif isinstance(message, onnx.TensorProto):
+            tensors.append(message)
+            bad = _first_bad_string((message.name, message.doc_string), "tensor")
+            if message.external_data or message.metadata_props:
+                pending.extend((*message.external_data, *message.metadata_props))
+        else:
+            bad = _scan_fields(message, pending)
+        if bad is not None:
+            return tensors, bad
+    return tensors, None
 
 
-def _scan_graph(graph: onnx.GraphProto, tensors: list[onnx.TensorProto]) -> bytes | None:
-    """One walk over `graph` and its subgraphs: the first node/value name protobuf could not decode
-    as UTF-8 (it then hands out bytes), if any; every tensor met is appended to `tensors`."""
-    tensors.extend(graph.initializer)
-    for sparse in graph.sparse_initializer:  # never folded, but their data files must be checked too
-        tensors.extend((sparse.values, sparse.indices))
-    bad = _scan_nodes(graph.node, tensors)
-    if bad is not None:
-        return bad
-    for value in [*graph.input, *graph.output, *graph.initializer]:
-        if not isinstance(value.name, str):
-            return value.name
+def _scan_fields(message: Message, pending: list[Message]) -> str | None:
+    for field, value in message.ListFields():
+        if field.type == FieldDescriptor.TYPE_STRING:
+            bad = _first_bad_string(value if field.is_repeated else (value,), field.full_name)
+            if bad is not None:
+                return bad
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.is_repeated:
+                pending.extend(value)
+            else:
+                pending.append(value)
     return None
 
 
-def _scan_nodes(nodes: Iterable[onnx.NodeProto], tensors: list[onnx.TensorProto]) -> bytes | None:
-    """`_scan_graph` for a list of nodes (a graph's, or a model-local function's)."""
-    for node in nodes:
-        for name in (node.name, node.op_type, node.domain, *node.input, *node.output):
-            if not isinstance(name, str):
-                return name
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                tensors.append(attr.t)
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                tensors.extend(attr.tensors)
-            elif attr.type in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS):
-                for sparse in [attr.sparse_tensor] if attr.HasField("sparse_tensor") else attr.sparse_tensors:
-                    tensors.extend((sparse.values, sparse.indices))
-            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else \
-                attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else ()
-            for body in bodies:
-                if (bad := _scan_graph(body, tensors)) is not None:
-                    return bad
-    return None
+def _scan_node(node: onnx.NodeProto, pending: list[Message]) -> str | None:
+    bad = _first_bad_string((node.name, node.op_type, node.domain, node.overload, node.doc_string, *node.input,
+                             *node.output), "node")
+    for attr in node.attribute:
+        bad = bad or _first_bad_string((attr.name, attr.ref_attr_name, attr.doc_string), "attribute")
+        kind = attr.type
+        if kind == onnx.AttributeProto.TENSOR:
+            pending.append(attr.t)
+        elif kind == onnx.AttributeProto.TENSORS:
+            pending.extend(attr.tensors)
+        elif kind == onnx.AttributeProto.SPARSE_TENSOR:
+            pending.append(attr.sparse_tensor)
+        elif kind == onnx.AttributeProto.SPARSE_TENSORS:
+            pending.extend(attr.sparse_tensors)
+        elif kind == onnx.AttributeProto.GRAPH:
+            pending.append(attr.g)
+        elif kind == onnx.AttributeProto.GRAPHS:
+            pending.extend(attr.graphs)
+        elif kind == onnx.AttributeProto.TYPE_PROTO:
+            pending.append(attr.tp)
+        elif kind == onnx.AttributeProto.TYPE_PROTOS:
+            pending.extend(attr.type_protos)
+    if node.metadata_props:
+        pending.extend(node.metadata_props)
+    return bad
+
+
+def _first_bad_string(texts: Sequence[str | bytes], owner: str) -> str | None:
+    """The first of `texts` protobuf handed out as bytes (not valid UTF-8), described for a message."""
+    try:
+        "".join(texts)  # type: ignore[arg-type]  # one C-level pass; raises only if some text is bytes
+        return None
+    except TypeError:
+        text = next(text for text in texts if not isinstance(text, str))
+        return f"{owner} {text[:40]!r}"
 
 
 _KNOWN_TYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.TensorProto.UNDEFINED)
