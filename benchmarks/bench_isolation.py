@@ -17,10 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bnfold  # noqa: E402
-from bnfold.runtime import RunConfig  # noqa: E402
-from bnfold.verify import verify  # noqa: E402
 from models import ensure_model  # noqa: E402
+
+import bnfold  # noqa: E402
+from bnfold.run_config import RunConfig  # noqa: E402
+from bnfold.verify import verify  # noqa: E402
 
 MODELS = ("resnet_small", "deep_cnn")
 

@@ -15,11 +15,13 @@ if TYPE_CHECKING:  # pragma: no cover - what the lazy names are, for type checke
     from bnfold.api import CheckResult, FoldResult, check, fold, verify
     from bnfold.errors import BadInputError, BnfoldError, ExitCode, VerificationError
     from bnfold.report import Reason, Report
+    from bnfold.run_config import RunConfig
 
 _HOMES = {
     "CheckResult": "bnfold.api", "FoldResult": "bnfold.api", "check": "bnfold.api", "fold": "bnfold.api",
     "verify": "bnfold.api", "BadInputError": "bnfold.errors", "BnfoldError": "bnfold.errors",
     "VerificationError": "bnfold.errors", "ExitCode": "bnfold.errors", "Reason": "bnfold.report", "Report": "bnfold.report",
+    "RunConfig": "bnfold.run_config",
 }
 __all__ = sorted(_HOMES)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import onnx
 
 from bnfold import conformance, file_access
@@ -15,11 +16,10 @@ from bnfold.errors import BadInputError, VerificationError
 from bnfold.model_io import check_structure, check_supported, load_model, model_tensors, save_model_atomic
 from bnfold.report import Reason, Report, Verification, op_counts
 from bnfold.rewrite import fold_model
-from bnfold.runtime import DEFAULT_TIMEOUT, RunConfig
+from bnfold.run_config import RUN_CONFIG_FIELDS, RunConfig
 from bnfold.tensors import TensorStore
+from bnfold.verify import ModelSource
 from bnfold.verify import verify as _verify
-
-ModelSource = onnx.ModelProto | str | os.PathLike
 
 
 @dataclass
@@ -57,6 +57,17 @@ class FoldResult:
         return saved
 
 
+def run_config(verify: bool | RunConfig, options: dict[str, Any], caller: str) -> RunConfig:
+    """The verification settings: `verify` if it is a RunConfig (else the defaults) with the
+    keyword `options` replacing its fields. An unknown keyword is a TypeError, as for any call."""
+    unknown = sorted(set(options) - RUN_CONFIG_FIELDS)
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument '{unknown[0]}'")
+    if isinstance(verify, RunConfig):
+        return dataclasses.replace(verify, **options) if options else verify
+    return RunConfig(**options)
+
+
 def _open(model: ModelSource) -> tuple[onnx.ModelProto, ModelSource, Path | None, set[Path], TensorStore]:
     """A model bnfold may edit, the untouched original for verification, its path, its data files,
     and the store that reads its tensors."""
@@ -76,27 +87,21 @@ def _open(model: ModelSource) -> tuple[onnx.ModelProto, ModelSource, Path | None
 def fold(
     model: ModelSource,
     *,
-    verify: bool = True,
-    seed: int = 0,
-    input_shapes: dict[str, list[int]] | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    inputs: dict[str, np.ndarray] | None = None,
-    iterations: int = 1,
-    providers: Sequence[str] = (),
-    save_inputs: str | None = None,
-    save_outputs: str | None = None,
-    raise_on_failure: bool = True,
+    verify: bool | RunConfig = True,
     output: str | os.PathLike | None = None,
-    merge_branches: bool = True,
     in_place: bool = False,
-    timeout: float = DEFAULT_TIMEOUT,
+    merge_branches: bool = True,
+    raise_on_failure: bool = True,
+    **run_options: Any,
 ) -> FoldResult:
     """Fold every exactly-foldable BatchNormalization (and per-channel Mul/Add) of `model`.
 
     With `verify` (the default) the result is checked (onnx checker, analytic weight check,
     onnxruntime with optimizations off); a failed check raises `VerificationError` carrying the
     report, unless `raise_on_failure=False`, in which case `result.report.passed` is False.
+    How verification feeds and compares the models is a `RunConfig`: pass one as `verify`, or
+    its fields as keywords (`seed`, `input_shapes`, `atol`, `rtol`, `inputs`, `iterations`,
+    `providers`, `save_inputs`, `save_outputs`, `timeout`), which override the given config.
     With `output`, the result is also written there atomically — and verified as written:
     onnxruntime runs the complete temporary file, which replaces `output` only if it passed
     (nothing is written otherwise; `result.report.output_path` says where it went).
@@ -107,24 +112,24 @@ def fold(
     onnxruntime runs in a child process; if it crashes or takes longer than `timeout` seconds,
     verification fails ("could not run").
     """
-    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, inputs, iterations, providers,
-                       save_inputs, save_outputs, timeout) if verify else None  # checks the options before any work
+    config = run_config(verify, run_options, "fold")  # checks the options before any work
+    verifying = bool(verify)
     working, original, path, protected, store = _open(model)
     written = [] if output is None else [Path(output)]
     if output is not None:  # before any work: a refused output must not cost a fold
         file_access.output_target(written[0], path, protected, in_place)
-    for flag, side in (("--save-inputs", save_inputs), ("--save-outputs", save_outputs)):
+    for flag, side in (("--save-inputs", config.save_inputs), ("--save-outputs", config.save_outputs)):
         if side is not None:
             file_access.check_side_output(Path(side), flag, [*protected, *([path] if path else [])], written)
     report = Report(input_path=None if path is None else str(path), ops_before=op_counts(working))
     report.repairs = conformance.repair(working)  # before folding: new initializers are listed the same way
-    outcome = fold_model(working, keep_provenance=verify, store=store, merge_branches=merge_branches)
+    outcome = fold_model(working, keep_provenance=verifying, store=store, merge_branches=merge_branches)
     report.folded, report.skipped, report.passes = outcome.folded, outcome.skipped, outcome.passes
     report.merged_branches = outcome.merged_branches
     report.ops_after = op_counts(working)
     result = FoldResult(working, report, external_data=bool(protected), protected_files=protected, store=store,
                         input_path=path)
-    if not verify:
+    if not verifying:
         if output is not None:
             result.save(output, in_place=in_place)
         return result
@@ -143,18 +148,12 @@ def fold(
     return result
 
 
-def verify(
-    original: ModelSource,
-    folded: ModelSource,
-    *,
-    seed: int = 0,
-    input_shapes: dict[str, list[int]] | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> Verification:
+def verify(original: ModelSource, folded: ModelSource, config: RunConfig | None = None,
+           **run_options: Any) -> Verification:
     """Compare any two models with the same inputs and outputs (checker + onnxruntime, optimizations
-    off). Raises `VerificationError` when they differ; returns the per-output numbers otherwise."""
+    off), fed and compared as `config` and the `RunConfig` fields given as keywords say. Raises
+    `VerificationError` when they differ; returns the per-output numbers otherwise."""
+    config = run_config(config or True, run_options, "verify")
     folded_file = None
     if isinstance(folded, onnx.ModelProto):
         file_access.refuse_external_data(model_tensors(folded), "folded model")
@@ -166,7 +165,6 @@ def verify(
         file_access.refuse_external_data(model_tensors(original), "original model")
     else:
         original = load_model(original).path
-    config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, timeout=timeout)
     result = _verify(original, folded_model, config=config, store=store, folded_file=folded_file)
     if not result.passed:
         report = Report(verification=result)
@@ -198,7 +196,9 @@ class CheckResult:
         return not self.foldable and not self.mergeable_branches and not self.training and self.report.passed
 
 
-def check(model: ModelSource, *, verify: bool = False, **verify_options) -> CheckResult:
-    """Fold in memory (nothing is written) and list what a CI gate should reject."""
-    result = fold(model, verify=verify, raise_on_failure=False, **verify_options)
+def check(model: ModelSource, *, verify: bool | RunConfig = False, merge_branches: bool = True,
+          **run_options: Any) -> CheckResult:
+    """Fold in memory (nothing is written) and list what a CI gate should reject; with `verify`
+    (True or a `RunConfig`, whose fields may also be given as keywords) the fold is verified too."""
+    result = fold(model, verify=verify, raise_on_failure=False, merge_branches=merge_branches, **run_options)
     return CheckResult(result.report)

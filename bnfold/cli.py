@@ -19,6 +19,7 @@ import click
 
 from bnfold import batch, file_access, render
 from bnfold.errors import BadInputError, BnfoldError, ExitCode, check_tolerance, worst_exit_code
+from bnfold.run_config import RunConfig
 
 ERROR_PREFIX = "bnfold: error: "
 
@@ -131,18 +132,14 @@ def _verification_options(function):
 
 def _fold_options(verify: bool, input_shape, seed, iterations, inputs_npz, atol, rtol, providers, timeout,
                   save_inputs, save_outputs, no_merge_branches: bool = False) -> dict:
-    """Validated keyword arguments for bnfold.fold; BadInputError for malformed values."""
+    """Validated keyword arguments for bnfold.fold / bnfold.check; BadInputError for malformed values."""
     for flag, value in (("--atol", atol), ("--rtol", rtol)):
-        check_tolerance(flag, value)
-    options = {"verify": verify, "seed": seed, "input_shapes": parse_input_shapes(input_shape), "atol": atol,
-               "rtol": rtol, "iterations": iterations,
-               "providers": [p.strip() for p in providers.split(",") if p.strip()], "timeout": timeout,
-               "save_inputs": None if save_inputs is None else str(save_inputs),
-               "save_outputs": None if save_outputs is None else str(save_outputs),
-               "merge_branches": not no_merge_branches}
-    if inputs_npz is not None:
-        options["inputs"] = load_npz(inputs_npz)
-    return options
+        check_tolerance(flag, value)  # named as the flag the user typed
+    config = RunConfig(seed=seed, input_shapes=parse_input_shapes(input_shape), atol=atol, rtol=rtol,
+                       iterations=iterations, providers=[p.strip() for p in providers.split(",") if p.strip()],
+                       timeout=timeout, save_inputs=save_inputs, save_outputs=save_outputs,
+                       inputs=None if inputs_npz is None else load_npz(inputs_npz))
+    return {"verify": config if verify else False, "merge_branches": not no_merge_branches}
 
 
 def load_npz(path: Path) -> dict:

@@ -14,17 +14,17 @@ import onnx
 
 from bnfold.compare import compare_arrays, merge_checks, robust_scale, tolerances_for, upstream_scales
 from bnfold.discontinuous import discontinuous_sources
-from bnfold.errors import BadInputError, check_tolerance, first_line
+from bnfold.errors import BadInputError, first_line
 from bnfold.fold_math import is_float
 from bnfold.model_io import EXTERNAL_ABOVE_BYTES, save_model_atomic
 from bnfold.ort_child import Child, CouldNotRun, OrtJob, OrtRuns, run_job
 from bnfold.report import Verification
+from bnfold.run_config import RunConfig
 from bnfold.serialize import estimated_size, write_model
 from bnfold.tensors import TensorStore
 
 DEFAULT_BATCH = 2
 DEFAULT_DIM = 32
-DEFAULT_TIMEOUT = 600.0
 
 
 def model_file(model: onnx.ModelProto | str | os.PathLike, folder: str, store: TensorStore | None = None) -> str:
@@ -88,36 +88,6 @@ def random_inputs(
         else:
             raise BadInputError(f"input '{value.name}' has type {dtype}; verification cannot generate it")
     return feeds, defaulted
-
-
-@dataclass
-class RunConfig:
-    """How verification feeds and runs the models (all optional)."""
-
-    seed: int = 0
-    input_shapes: dict[str, list[int]] = field(default_factory=dict)
-    atol: float | None = None
-    rtol: float | None = None
-    inputs: dict[str, np.ndarray] | None = None  # user data; a leading extra axis holds samples
-    iterations: int = 1  # random batches (seeds seed, seed+1, ...)
-    providers: list[str] = field(default_factory=list)  # extra providers to run the folded model on
-    save_inputs: str | None = None
-    save_outputs: str | None = None
-    timeout: float = DEFAULT_TIMEOUT  # seconds onnxruntime may take for both models, all batches
-    isolated: bool = True  # onnxruntime in a child process (False only to measure what that costs)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.providers, str):  # one provider named as a string, not its characters
-            self.providers = [self.providers]
-        self.providers = list(self.providers)
-        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0 and np.isfinite(self.timeout)):
-            raise BadInputError(f"timeout must be a positive number of seconds, got {self.timeout}")
-        if self.seed < 0:
-            raise BadInputError(f"seed must be a non-negative integer, got {self.seed}")
-        if self.iterations < 1:
-            raise BadInputError(f"iterations must be at least 1, got {self.iterations}")
-        for name, value in (("atol", self.atol), ("rtol", self.rtol)):
-            check_tolerance(name, value)
 
 
 def feed_sets(inputs: list[onnx.ValueInfoProto], config: RunConfig) -> tuple[list[dict[str, np.ndarray]], dict]:

@@ -29,11 +29,12 @@ from bnfold.constants import EvaluatedConstant, recompute
 from bnfold.errors import first_line
 from bnfold.fold_math import ChannelAffine, compose_affines, is_bfloat16, spread_affine
 from bnfold.graph import function_graph, function_scope, scoped_subgraphs
-from bnfold.report import TensorCheck, Verification
-from bnfold.provenance import LayerProvenance as Provenance
-from bnfold.rules.layers import fold_parameters, match_layer, peak_abs
 from bnfold.ort_child import Child
-from bnfold.runtime import RunConfig, Tensors, compare_outputs
+from bnfold.provenance import LayerProvenance as Provenance
+from bnfold.report import TensorCheck, Verification
+from bnfold.rules.layers import fold_parameters, match_layer, peak_abs
+from bnfold.run_config import RunConfig
+from bnfold.runtime import Tensors, compare_outputs
 from bnfold.tensors import TensorStore
 
 # float64 slack of the recomputation itself, relative to the magnitude of the values involved.

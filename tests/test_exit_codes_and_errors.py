@@ -12,7 +12,7 @@ import pytest
 
 import bnfold
 from bnfold.errors import MODEL_EXIT_CODES, ExitCode, check_tolerance, first_line, worst_exit_code
-from bnfold.runtime import RunConfig
+from bnfold.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,8 @@ import bnfold
 import bnfold.render
 from bnfold import BadInputError
 from bnfold.report import Verification
-from bnfold.runtime import RunConfig, Tensors, compare_outputs
+from bnfold.run_config import RunConfig
+from bnfold.runtime import Tensors, compare_outputs
 
 # --- C2: one element must not widen every element's tolerance -------------------------------------
 
