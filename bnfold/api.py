@@ -12,12 +12,13 @@ import onnx
 
 from bnfold import conformance, file_access
 from bnfold.errors import BadInputError, VerificationError
-from bnfold.model_io import check_structure, check_supported, load_model, model_tensors, save_model_atomic
+from bnfold.model_io import check_structure, check_supported, load_model, save_model_atomic
 from bnfold.report import Reason, Report, Verification, op_counts
 from bnfold.rewrite import fold_model
 from bnfold.runtime import DEFAULT_TIMEOUT, RunConfig
 from bnfold.tensors import TensorStore
 from bnfold.verify import verify as _verify
+from bnfold.walk import iter_tensors
 
 ModelSource = onnx.ModelProto | str | os.PathLike
 
@@ -157,13 +158,13 @@ def verify(
     off). Raises `VerificationError` when they differ; returns the per-output numbers otherwise."""
     folded_file = None
     if isinstance(folded, onnx.ModelProto):
-        file_access.refuse_external_data(model_tensors(folded), "folded model")
+        file_access.refuse_external_data(iter_tensors(folded), "folded model")
         folded_model, store = folded, TensorStore()
     else:
         loaded = load_model(folded)
         folded_model, store, folded_file = loaded.model, loaded.store, loaded.path
     if isinstance(original, onnx.ModelProto):
-        file_access.refuse_external_data(model_tensors(original), "original model")
+        file_access.refuse_external_data(iter_tensors(original), "original model")
     else:
         original = load_model(original).path
     config = RunConfig(seed, dict(input_shapes or {}), atol, rtol, timeout=timeout)
