@@ -13,13 +13,14 @@ import onnx
 
 from bnfold import conformance, file_access
 from bnfold.errors import BadInputError, VerificationError
-from bnfold.model_io import check_structure, check_supported, load_model, model_tensors, save_model_atomic
+from bnfold.model_io import check_structure, check_supported, load_model, save_model_atomic
 from bnfold.report import Reason, Report, Verification, op_counts
 from bnfold.rewrite import fold_model
 from bnfold.run_config import RUN_CONFIG_FIELDS, RunConfig
 from bnfold.tensors import TensorStore
 from bnfold.verify import ModelSource
 from bnfold.verify import verify as _verify
+from bnfold.walk import iter_tensors
 
 
 @dataclass
@@ -156,13 +157,13 @@ def verify(original: ModelSource, folded: ModelSource, config: RunConfig | None 
     config = run_config(config or True, run_options, "verify")
     folded_file = None
     if isinstance(folded, onnx.ModelProto):
-        file_access.refuse_external_data(model_tensors(folded), "folded model")
+        file_access.refuse_external_data(iter_tensors(folded), "folded model")
         folded_model, store = folded, TensorStore()
     else:
         loaded = load_model(folded)
         folded_model, store, folded_file = loaded.model, loaded.store, loaded.path
     if isinstance(original, onnx.ModelProto):
-        file_access.refuse_external_data(model_tensors(original), "original model")
+        file_access.refuse_external_data(iter_tensors(original), "original model")
     else:
         original = load_model(original).path
     result = _verify(original, folded_model, config=config, store=store, folded_file=folded_file)

@@ -12,21 +12,19 @@
    with its running mean/var outputs unread, Y is a constant: computed in float64 and rounded once.
 
 `bnfold.graph.GraphIndex.constant` asks this module when it meets such a node; `bnfold.node_merges`
-replaces a constant training-mode BN by an initializer named like its output.
+replaces a constant training-mode BN by an initializer named like its output. This module reads
+nodes and arrays only, never a `GraphIndex` (which imports it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from bnfold.fold_math import InvalidAffineError, batch_statistics_normalized, is_float, round_to_dtype
-
-if TYPE_CHECKING:  # pragma: no cover
-    from bnfold.graph import GraphIndex, ValueInfo
+from bnfold.protos import ValueInfo, attribute
 
 # (op type, input position) -> what the op reads of that input: its element type or its dims.
 METADATA_READS = {("Shape", 0): "dims", ("Size", 0): "dims", ("CastLike", 1): "element type"}
@@ -64,8 +62,6 @@ def placeholder(info: ValueInfo | None, node: onnx.NodeProto, position: int) -> 
 def _dims_read(node: onnx.NodeProto, rank: int) -> range:
     """The axes whose dims the node's output depends on: Shape-15's [start, end) (negative counts
     from the back, clamped to the rank), every axis for Shape-1 and Size."""
-    from bnfold.graph import attribute
-
     if node.op_type != "Shape":
         return range(rank)
     bounds = [int(attribute(node, "start", 0)), int(attribute(node, "end", rank))]
@@ -77,22 +73,13 @@ def _dims_read(node: onnx.NodeProto, rank: int) -> range:
 
 
 def is_training_bn(node: onnx.NodeProto) -> bool:
-    from bnfold.graph import attribute
-
     return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx") \
         and bool(attribute(node, "training_mode", 0))
-
-
-def running_outputs_read(node: onnx.NodeProto, index: GraphIndex) -> list[str]:
-    """The running mean/var outputs of a training-mode BN that something reads."""
-    return [name for name in node.output[1:] if name and index.consumer_count(name)]
 
 
 def training_bn_output(node: onnx.NodeProto, x: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray | None:
     """Y of a training-mode BN on constant inputs, rounded once to X's dtype; None when the spec
     gives no finite result or the inputs do not fit it (then the BN stays, and is refused)."""
-    from bnfold.graph import attribute
-
     if not all(is_float(value.dtype) for value in (x, scale, bias)) or scale.ndim != 1 or bias.ndim != 1:
         return None
     try:
@@ -100,22 +87,6 @@ def training_bn_output(node: onnx.NodeProto, x: np.ndarray, scale: np.ndarray, b
     except InvalidAffineError:
         return None
     return round_to_dtype(y, x.dtype)
-
-
-def training_mode_detail(node: onnx.NodeProto, index: GraphIndex) -> str:
-    """Why a training-mode BN is left: what keeps it from being a constant."""
-    data = node.input[0] if node.input else ""
-    if not data or index.constant(data) is None:
-        why = index.why_not_constant(data) if data else "is missing"
-        return f"training_mode=1 uses the batch statistics of '{data}', which {why}"
-    read = running_outputs_read(node, index)
-    if read:
-        return f"training_mode=1 and its running mean/var output '{read[0]}' is read"
-    if node.output[0] in index.graph_outputs:
-        return "training_mode=1 on a constant, but its output is a graph output"
-    if len(node.input) < 3 or any(index.constant(name) is None for name in node.input[1:3]):
-        return "training_mode=1 and its scale or B is not a constant"
-    return "training_mode=1 on constant values with no finite result (variance + epsilon <= 0?)"
 
 
 @dataclass
@@ -126,19 +97,6 @@ class EvaluatedConstant:
     node: onnx.NodeProto  # a copy of the BN
     inputs: list[np.ndarray]  # X, scale, B as stored
     values: np.ndarray  # what was written
-
-
-def constant_batch_norms(index: GraphIndex) -> list[tuple[onnx.NodeProto, np.ndarray]]:
-    """Every training-mode BN of this scope whose Y is a constant, with that constant. A graph
-    output keeps its node (an output that is an initializer is not portable)."""
-    found = []
-    for node in index.nodes:
-        if node.op_type != "BatchNormalization" or not is_training_bn(node) or node.output[0] in index.graph_outputs:
-            continue
-        value = index.constant(node.output[0])
-        if value is not None:
-            found.append((node, value))
-    return found
 
 
 def recompute(record: EvaluatedConstant) -> np.ndarray:

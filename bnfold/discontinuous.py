@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx
 
-from bnfold.graph import subgraphs_of
+from bnfold.walk import iter_nodes, subgraphs_of
 
 ALL = None  # every output of the op
 # op type -> output positions that are discontinuous functions of the op's float inputs.
@@ -56,14 +56,10 @@ def _label(node: onnx.NodeProto) -> str:
 def _inner(graph: onnx.GraphProto) -> tuple[str | None, set[str]]:
     """A discontinuous op anywhere inside `graph` (label), and every name its nodes read."""
     found, reads = None, set()
-    for node in graph.node:
+    for node in iter_nodes(graph.node):
         reads.update(node.input)
         if found is None and _discontinuous_positions(node) is not False:
             found = _label(node)
-        for body in subgraphs_of(node):
-            inner, inner_reads = _inner(body)
-            found = found or inner
-            reads |= inner_reads
     return found, reads
 
 

@@ -16,9 +16,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnfold.graph import CONSTANT_FOLDABLE_OPS, GraphIndex, has_subgraphs
+from bnfold.graph import CONSTANT_FOLDABLE_OPS, GraphIndex
 from bnfold.rules.readers import rewired_readers
 from bnfold.tensors import TensorStore
+from bnfold.walk import has_subgraphs
 
 
 class RepeatedField(Protocol):

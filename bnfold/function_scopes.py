@@ -14,18 +14,29 @@ are still reported, each with a reason code.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import onnx
 
-from bnfold.graph import function_graph, function_scope, references_attributes, subgraphs_of
+from bnfold.graph import GraphIndex, function_graph
 from bnfold.report import Reason, SkippedRecord
+from bnfold.walk import function_scope, iter_nodes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bnfold.rewrite import Rewriter
+    from bnfold.fold_session import FoldSession
 
 
-def fold_function(rewriter: Rewriter, function: onnx.FunctionProto) -> None:
+class ScopeFolder(Protocol):
+    """What folding a function body needs of `bnfold.rewrite.Rewriter` (which calls this module, so
+    the module names the interface rather than importing the class)."""
+
+    session: FoldSession
+
+    def fold_graph(self, graph: onnx.GraphProto, scope: str, outer: GraphIndex | None,
+                   input_kind: str = "graph input") -> None: ...
+
+
+def fold_function(rewriter: ScopeFolder, function: onnx.FunctionProto) -> None:
     """Fold inside `function` (part of the rewriter's model, edited in place) with its passes."""
     scope = function_scope(function)
     session = rewriter.session
@@ -48,15 +59,13 @@ def fold_function(rewriter: Rewriter, function: onnx.FunctionProto) -> None:
 def _attribute_refusals(function: onnx.FunctionProto, scope: str) -> Iterator[SkippedRecord]:
     detail = (f"function '{function.name}' takes attributes from its callers (ref_attr_name): its body has no "
               "fixed values to fold")
-    for node in _nodes_within(function.node):
+    for node in iter_nodes(function.node):
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx") and node.output:
             yield SkippedRecord(node.name or node.output[0], node.op_type, node.output[0],
                                 Reason.UNSUPPORTED_ATTRIBUTE, detail, scope)
 
 
-def _nodes_within(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.NodeProto]:
-    """`nodes` and every node of their subgraphs."""
-    for node in nodes:
-        yield node
-        for body in subgraphs_of(node):
-            yield from _nodes_within(body.node)
+def references_attributes(nodes: Iterable[onnx.NodeProto]) -> bool:
+    """Does any node (or subgraph node) take an attribute from its function's caller (`ref_attr_name`)?
+    Such an attribute has no value in the body: it is whatever each call passes."""
+    return any(attr.ref_attr_name for node in iter_nodes(nodes) for attr in node.attribute)

@@ -1,4 +1,4 @@
-"""A read-only index of one ONNX graph scope: producers, consumers, constants, shapes, attributes.
+"""A read-only index of one ONNX graph scope: producers, consumers, constants, shapes.
 
 Built once per rewrite pass in O(nodes + initializers); every lookup afterwards is a dict access, so
 no rule ever scans the graph (that is what makes other tools quadratic on 10,000-node models).
@@ -6,16 +6,17 @@ no rule ever scans the graph (that is what makes other tools quadratic on 10,000
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from bnfold import constants as computed
+from bnfold.protos import ValueInfo, value_infos_of
 from bnfold.tensors import tensor_values
+from bnfold.walk import has_subgraphs, iter_scopes, subgraphs_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from bnfold.tensors import TensorStore
@@ -36,91 +37,24 @@ MAX_CONSTANT_ELEMENTS = 1 << 24
 _SHAPE_FROM_VALUES = {"ConstantOfShape": 0, "Expand": 1}
 
 
-@dataclass(frozen=True)
-class ValueInfo:
-    """Element type and shape of a value; a dim is an int, a symbolic name, or None."""
-
-    elem_type: int
-    shape: tuple[int | str | None, ...] | None
-
-    @property
-    def rank(self) -> int | None:
-        return None if self.shape is None else len(self.shape)
-
-
-def value_infos_of(graph: onnx.GraphProto) -> dict[str, ValueInfo]:
-    """Types and shapes declared for the values of a graph (inputs, outputs, value_info)."""
-    infos: dict[str, ValueInfo] = {}
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        if not value.type.HasField("tensor_type"):
-            continue
-        tensor_type = value.type.tensor_type
-        shape = None
-        if tensor_type.HasField("shape"):
-            shape = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
-            )
-        infos[value.name] = ValueInfo(tensor_type.elem_type, shape)
-    for tensor in graph.initializer:
-        infos[tensor.name] = ValueInfo(tensor.data_type, tuple(tensor.dims))
-    return infos
-
-
 def _declared_inputs(graph: onnx.GraphProto) -> dict[str, ValueInfo]:
     """`value_infos_of` restricted to the graph's inputs and initializers."""
     known = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer}
     return {name: info for name, info in value_infos_of(graph).items() if name in known}
 
 
-# Default-domain ops with graph attributes; nodes of other domains are always inspected.
-_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+def names_used_inside(graph: onnx.GraphProto) -> set[str]:
+    """Every value name referenced by a node of `graph` or of its nested subgraphs.
 
-
-def has_subgraphs(node: onnx.NodeProto) -> bool:
-    """Cheap pre-test: only these ops (or custom-domain ones) can carry graph attributes."""
-    return node.op_type in _SUBGRAPH_OPS or node.domain not in ("", "ai.onnx")
-
-
-def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    """The bodies of If / Loop / Scan (and any other graph-valued attribute)."""
-    if not has_subgraphs(node):
-        return
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            yield attribute.g
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            yield from attribute.graphs
-
-
-def scoped_subgraphs(graph: onnx.GraphProto, scope: str) -> Iterator[tuple[str, onnx.GraphProto]]:
-    """Every subgraph of `graph`'s nodes with a path naming its scope, e.g. `main/loop.body`.
-
-    The owner is the node's name (else its first output). Names may repeat, or equal another node's
-    output, so a repeated owner gets `@<first output>` (outputs are unique): two bodies must never
-    share a path, because shapes and provenance are looked up by it.
+    Used to count outer-scope values captured by a subgraph as consumed: folding the producer of
+    such a value would silently change what the subgraph sees.
     """
-    owners = [(node, node.name or (node.output[0] if node.output else node.op_type))
-              for node in graph.node if has_subgraphs(node)]
-    counts = Counter(owner for _, owner in owners)
-    for node, owner in owners:
-        if counts[owner] > 1:
-            owner = f"{owner}@{node.output[0] if node.output else id(node)}"
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield f"{scope}/{owner}.{attr.name}", attr.g
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for position, body in enumerate(attr.graphs):
-                    yield f"{scope}/{owner}.{attr.name}[{position}]", body
-
-
-FUNCTION_SCOPE_PREFIX = "function:"
-
-
-def function_scope(function: onnx.FunctionProto) -> str:
-    """The scope path of a model-local function body, e.g. `function:custom:Block` (its identity
-    is domain, name and, from IR 10, overload)."""
-    overload = f":{function.overload}" if function.overload else ""
-    return f"{FUNCTION_SCOPE_PREFIX}{function.domain}:{function.name}{overload}"
+    used: set[str] = set()
+    for _, body in iter_scopes(graph):
+        for node in body.node:
+            used.update(node.input)
+        used.update(output.name for output in body.output)
+    return used
 
 
 def function_graph(function: onnx.FunctionProto) -> onnx.GraphProto:
@@ -131,41 +65,6 @@ def function_graph(function: onnx.FunctionProto) -> onnx.GraphProto:
         [onnx.ValueInfoProto(name=name) for name in function.input],
         [onnx.ValueInfoProto(name=name) for name in function.output],
     )
-
-
-def references_attributes(nodes: Iterable[onnx.NodeProto]) -> bool:
-    """Does any node (or subgraph node) take an attribute from its function's caller (`ref_attr_name`)?
-    Such an attribute has no value in the body: it is whatever each call passes."""
-    for node in nodes:
-        for attr in node.attribute:
-            if attr.ref_attr_name:
-                return True
-        if any(references_attributes(body.node) for body in subgraphs_of(node)):
-            return True
-    return False
-
-
-def names_used_inside(graph: onnx.GraphProto) -> set[str]:
-    """Every value name referenced by a node of `graph` or of its nested subgraphs.
-
-    Used to count outer-scope values captured by a subgraph as consumed: folding the producer of
-    such a value would silently change what the subgraph sees.
-    """
-    used: set[str] = set()
-    for node in graph.node:
-        used.update(node.input)
-        for body in subgraphs_of(node):
-            used |= names_used_inside(body)
-    used.update(output.name for output in graph.output)
-    return used
-
-
-def attribute(node: onnx.NodeProto, name: str, default=None):
-    """A node attribute's value, or the operator spec's default."""
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
 
 
 class GraphIndex:
@@ -240,6 +139,10 @@ class GraphIndex:
 
     def consumer_count(self, name: str) -> int:
         return len(self.consumers.get(name, ())) + (1 if name in self.graph_outputs else 0)
+
+    def running_outputs_read(self, node: onnx.NodeProto) -> list[str]:
+        """The running mean/var outputs of a training-mode BN that something reads."""
+        return [name for name in node.output[1:] if name and self.consumer_count(name)]
 
     def sole_consumer(self, name: str) -> onnx.NodeProto | None:
         """The only node reading `name`, if exactly one does and it is not a graph output."""
@@ -375,7 +278,7 @@ class GraphIndex:
     def _training_bn_output(self, node: onnx.NodeProto, name: str, budget: int) -> np.ndarray | None:
         """Y of a training-mode BN whose X, scale and B are constants and whose running mean/var
         outputs nobody reads (its mean/var inputs only feed those)."""
-        if name != node.output[0] or len(node.input) < 3 or computed.running_outputs_read(node, self):
+        if name != node.output[0] or len(node.input) < 3 or self.running_outputs_read(node):
             return None
         inputs = [self._constant_input(node, position, node.input[position], budget - 1) for position in range(3)]
         if any(value is None for value in inputs):

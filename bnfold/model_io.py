@@ -123,12 +123,6 @@ def _copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def model_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """Every tensor of the model: initializers, attribute tensors and sparse tensors' parts, of
-    the main graph, its subgraphs and the model-local functions."""
-    return _scan_model(model)[0]
-
-
 def _scan_model(model: onnx.ModelProto) -> tuple[list[onnx.TensorProto], str | None]:
     """One walk over every message of the model: the tensors met (initializers, sparse tensors'
     parts, attribute tensors — of the main graph, its subgraphs, training-info graphs and the
@@ -137,7 +131,11 @@ def _scan_model(model: onnx.ModelProto) -> tuple[list[onnx.TensorProto], str | N
     Protobuf parses such a string without complaint and hands it out as bytes, which bnfold's code
     would then compare, copy or print as if it were text (a name that never matches, a copy that
     raises): the model is refused instead, naming the field. Nodes and tensors, the bulk of a
-    model, are walked by hand; every other message through its descriptor."""
+    model, are walked by hand; every other message through its descriptor.
+
+    The one walk that does not go through `bnfold.walk`: the string check must visit every message,
+    not only scopes and tensors, so the tensors come with it at no extra cost (a second walk with
+    `iter_tensors` would add to every load). tests/test_walk.py checks both find the same tensors."""
     tensors: list[onnx.TensorProto] = []
     pending: list[Message] = [model]
     while pending:

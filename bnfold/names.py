@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from bnfold.graph import function_graph, has_subgraphs, subgraphs_of
+from bnfold.walk import iter_scopes
 
 
 class NameRegistry:
@@ -17,22 +17,20 @@ class NameRegistry:
     @property
     def used(self) -> set[str]:
         if self._used is None:
-            self._used = set()
-            self._collect(self._model.graph, self._used)
-            for function in self._model.functions:  # folds inside functions need fresh names there too
-                self._collect(function_graph(function), self._used)
+            used: set[str] = set()
+            for _, body in iter_scopes(self._model):  # folds inside functions need fresh names there too
+                if isinstance(body, onnx.GraphProto):
+                    used.update(t.name for t in body.initializer)
+                    used.update(s.values.name for s in body.sparse_initializer)
+                    used.update(v.name for v in body.input)
+                else:
+                    used.update(body.input)  # a function's formal inputs
+                for node in body.node:  # every node of the model: kept to plain set updates
+                    used.update(node.input)
+                    used.update(node.output)
+                    used.add(node.name)
+            self._used = used
         return self._used
-
-    def _collect(self, graph: onnx.GraphProto, used: set[str]) -> None:
-        used.update(t.name for t in graph.initializer)
-        used.update(v.name for v in graph.input)
-        for node in graph.node:  # every node of the model: kept to plain set updates
-            used.update(node.input)
-            used.update(node.output)
-            used.add(node.name)
-            if has_subgraphs(node):
-                for body in subgraphs_of(node):
-                    self._collect(body, used)
 
     def fresh(self, base: str) -> str:
         name, counter = base, 0

@@ -8,10 +8,11 @@ import numpy as np
 
 import onnx
 
-from bnfold.constants import EvaluatedConstant, constant_batch_norms
+from bnfold.constants import EvaluatedConstant, is_training_bn
 from bnfold.edits import PassEdits
 from bnfold.fold_math import round_to_dtype
 from bnfold.fold_session import FoldSession, folded_record
+from bnfold.graph import GraphIndex
 from bnfold.provenance import copy_node
 from bnfold.report import FoldedRecord
 from bnfold.rules.affine_ops import chain_affine, chain_channels
@@ -80,3 +81,16 @@ def replace_constant_batch_norms(edits: PassEdits, session: FoldSession) -> bool
             inputs = [index.constant(name) for name in node.input[:3]]
             session.log.evaluated.append(EvaluatedConstant(scope, copy_node(node), inputs, values))
     return True
+
+
+def constant_batch_norms(index: GraphIndex) -> list[tuple[onnx.NodeProto, np.ndarray]]:
+    """Every training-mode BN of this scope whose Y is a constant, with that constant. A graph
+    output keeps its node (an output that is an initializer is not portable)."""
+    found = []
+    for node in index.nodes:
+        if node.op_type != "BatchNormalization" or not is_training_bn(node) or node.output[0] in index.graph_outputs:
+            continue
+        value = index.constant(node.output[0])
+        if value is not None:
+            found.append((node, value))
+    return found

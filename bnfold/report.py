@@ -13,7 +13,7 @@ from typing import Any
 
 import onnx
 
-from bnfold.graph import has_subgraphs, subgraphs_of
+from bnfold.walk import iter_scopes
 
 JSON_SCHEMA_VERSION = 1
 
@@ -222,17 +222,8 @@ def _check_failure(kind: str, check: OutputCheck) -> str:
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Op type histogram of the main graph, every subgraph and every model-local function body."""
     counts: Counter[str] = Counter()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        counts.update(node.op_type for node in graph.node)
-        for node in graph.node:
-            if has_subgraphs(node):  # cheap pre-test: most nodes' attributes are never looked at
-                for body in subgraphs_of(node):
-                    visit(body)
-
-    visit(model.graph)
-    for function in model.functions:
-        visit(function)  # a FunctionProto has `node` like a graph
+    for _, body in iter_scopes(model):
+        counts.update(node.op_type for node in body.node)
     return dict(sorted(counts.items()))
 
 

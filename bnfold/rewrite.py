@@ -15,7 +15,7 @@ from bnfold.branch_merge import merge_branch, with_branch_reasons
 from bnfold.edits import PassEdits
 from bnfold.fold_session import FoldSession, RewriteLog
 from bnfold.function_scopes import fold_function
-from bnfold.graph import GraphIndex, has_subgraphs, names_used_inside, scoped_subgraphs
+from bnfold.graph import GraphIndex, names_used_inside
 from bnfold.layer_folds import fold_layer, record_forward_folds
 from bnfold.node_merges import fold_gemm_bias, merge_chain, replace_constant_batch_norms
 from bnfold.rules.affine_ops import ARITHMETIC_OPS, AffineOp
@@ -26,6 +26,7 @@ from bnfold.rules.passthrough import PASSTHROUGH_OPS
 from bnfold.rules.readers import data_consumer
 from bnfold.rules.refusal import Refusal
 from bnfold.tensors import TensorStore
+from bnfold.walk import MAIN_SCOPE, has_subgraphs, scoped_subgraphs
 
 MAX_PASSES = 32
 
@@ -38,7 +39,7 @@ def fold_model(model: onnx.ModelProto, keep_provenance: bool = False, store: Ten
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     rewriter = Rewriter(FoldSession(model, opset, keep_provenance, store, merge_branches))
     with np.errstate(over="ignore"):  # a weight overflowing float16 becomes inf: verification says so
-        rewriter.fold_graph(model.graph, "main", None)
+        rewriter.fold_graph(model.graph, MAIN_SCOPE, None)
         for function in model.functions:
             fold_function(rewriter, function)
     rewriter.session.log.provenance = list(rewriter.session.provenance.values())
@@ -61,7 +62,7 @@ class Rewriter:
                               store=session.store, input_kind=input_kind,
                               # Inferred shapes are evidence-only (`bnfold.shapes`): main-graph ones
                               # may make a Shape/CastLike reader's result a constant.
-                              static_infos=infos if scope == "main" else None)
+                              static_infos=infos if scope == MAIN_SCOPE else None)
 
         index = build_index()
         edits = PassEdits(graph, index, scope, session.store)

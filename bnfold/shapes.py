@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import onnx
 
-from bnfold.graph import ValueInfo, scoped_subgraphs, subgraphs_of, value_infos_of
+from bnfold.protos import ValueInfo, value_infos_of
 from bnfold.serialize import copy_without, raw_size
+from bnfold.walk import MAIN_SCOPE, iter_scopes
 
 # Initializers up to this many elements keep their data: shape inference reads values of small
 # integer tensors (Reshape shapes, Slice bounds); weights never influence shapes.
@@ -69,15 +70,7 @@ def infer_value_infos(model: onnx.ModelProto) -> dict[str, dict[str, ValueInfo]]
         inferred = onnx.shape_inference.infer_shapes(evidence, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - any inference failure just means "less is known"
         inferred = evidence
-    scopes: dict[str, dict[str, ValueInfo]] = {}
-
-    def visit(graph: onnx.GraphProto, scope: str) -> None:
-        scopes[scope] = value_infos_of(graph)
-        for path, body in scoped_subgraphs(graph, scope):
-            visit(body, path)
-
-    visit(inferred.graph, "main")
-    return scopes
+    return {scope: value_infos_of(graph) for scope, graph in iter_scopes(inferred.graph, MAIN_SCOPE)}
 
 
 def _without_declared_shapes(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -88,18 +81,13 @@ def _without_declared_shapes(model: onnx.ModelProto, original: onnx.ModelProto) 
     if model is original:
         copy = copy_without(model, "graph")
         copy.graph.CopyFrom(copy_without(model.graph, "value_info"))
-    _forget_shapes(copy.graph, keep_input_shapes=True)
+    for scope, graph in iter_scopes(copy.graph, MAIN_SCOPE):
+        del graph.value_info[:]
+        # The main graph's inputs are the feeds the runtime checks; a subgraph's are formal parameters.
+        values = list(graph.output) if scope == MAIN_SCOPE else [*graph.input, *graph.output]
+        for value in values:
+            if value.type.HasField("tensor_type"):
+                value.type.tensor_type.ClearField("shape")
     for function in copy.functions:
         del function.value_info[:]
     return copy
-
-
-def _forget_shapes(graph: onnx.GraphProto, keep_input_shapes: bool) -> None:
-    del graph.value_info[:]
-    values = list(graph.output) if keep_input_shapes else [*graph.input, *graph.output]
-    for value in values:
-        if value.type.HasField("tensor_type"):
-            value.type.tensor_type.ClearField("shape")
-    for node in graph.node:
-        for body in subgraphs_of(node):
-            _forget_shapes(body, keep_input_shapes=False)

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, numpy_helper
+from onnx import numpy_helper
 
 from bnfold.errors import BadInputError
+from bnfold.walk import iter_tensors
 
 PENDING_LOCATION = "bnfold:pending"
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
@@ -174,9 +175,8 @@ class TensorStore:
 
     def materialize(self, model: onnx.ModelProto, nested_only: bool = False, keep_pending: bool = False) -> None:
         """Put deferred tensors' data into the proto (the plain, self-contained form); with
-        `nested_only`, only those outside the main graph's initializers (subgraphs, attributes)."""
-        tensors = _nested_tensors(model.graph) if nested_only else external_data_helper._get_all_tensors(model)
-        for tensor in tensors:
+        `nested_only`, all but the main graph's initializers (which the writer streams itself)."""
+        for tensor in iter_tensors(model, main_initializers=not nested_only):
             if self.is_deferred(tensor):
                 raw = b"".join(bytes(chunk) for chunk in self.chunks(tensor))
                 for name in _DATA_FIELDS:
@@ -187,17 +187,4 @@ class TensorStore:
             self._pending.clear()
 
     def has_deferred(self, model: onnx.ModelProto) -> bool:
-        return any(self.is_deferred(t) for t in external_data_helper._get_all_tensors(model))
-
-
-def _nested_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Tensors of node attributes and subgraphs (everything but the graph's own initializers)."""
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            bodies = [attr.g] if attr.HasField("g") else []
-            for body in [*bodies, *attr.graphs]:
-                yield from body.initializer
-                yield from _nested_tensors(body)
+        return any(self.is_deferred(t) for t in iter_tensors(model))

@@ -28,7 +28,6 @@ from bnfold.affine_probe import magnitude_constants, probe_affines, probe_spec
 from bnfold.constants import EvaluatedConstant, recompute
 from bnfold.errors import first_line
 from bnfold.fold_math import ChannelAffine, compose_affines, is_bfloat16, spread_affine
-from bnfold.graph import function_graph, function_scope, scoped_subgraphs
 from bnfold.ort_child import Child
 from bnfold.provenance import LayerProvenance as Provenance
 from bnfold.report import TensorCheck, Verification
@@ -36,6 +35,7 @@ from bnfold.rules.layers import fold_parameters, match_layer, peak_abs
 from bnfold.run_config import RunConfig
 from bnfold.runtime import Tensors, compare_outputs
 from bnfold.tensors import TensorStore
+from bnfold.walk import iter_scopes
 
 # float64 slack of the recomputation itself, relative to the magnitude of the values involved.
 RECOMPUTE_SLACK = 1e-12
@@ -374,20 +374,12 @@ def _spread(affine: ChannelAffine, segment) -> ChannelAffine:
 
 def _initializers_by_scope(model: onnx.ModelProto) -> dict[tuple[str, str], onnx.TensorProto]:
     found: dict[tuple[str, str], onnx.TensorProto] = {}
-
-    def visit(graph: onnx.GraphProto, scope: str) -> None:
-        found.update(((scope, t.name), t) for t in graph.initializer)
-        for path, body in scoped_subgraphs(graph, scope):
-            visit(body, path)
-
-    visit(model.graph, "main")
-    for function in model.functions:
-        # A fold inside a function body writes its parameters as Constant nodes there.
-        body = function_graph(function)
-        scope = function_scope(function)
-        found.update(((scope, node.output[0]), node.attribute[0].t) for node in body.node
-                     if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value")
-        for path, subgraph in scoped_subgraphs(body, scope):
-            visit(subgraph, path)
+    for scope, body in iter_scopes(model):
+        if isinstance(body, onnx.GraphProto):
+            found.update(((scope, t.name), t) for t in body.initializer)
+        else:  # a fold inside a function body writes its parameters as Constant nodes there
+            found.update(((scope, node.output[0]), node.attribute[0].t) for node in body.node
+                         if node.op_type == "Constant" and len(node.attribute) == 1
+                         and node.attribute[0].name == "value")
     return found
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from bnfold.constants import training_mode_detail
 from bnfold.fold_math import (
     ChannelAffine,
     InvalidAffineError,
@@ -24,7 +23,8 @@ from bnfold.fold_math import (
     shift_affine,
     subtracted_from_affine,
 )
-from bnfold.graph import GraphIndex, attribute
+from bnfold.graph import GraphIndex
+from bnfold.protos import attribute
 from bnfold.report import Reason
 from bnfold.rules.refusal import Refusal
 
@@ -101,6 +101,22 @@ def match_batch_norm(node: onnx.NodeProto, index: GraphIndex) -> AffineOp | Refu
     except InvalidAffineError as error:
         return Refusal(Reason.INVALID_PARAMS, str(error))
     return AffineOp(node, node.input[0], affine, axis=1)
+
+
+def training_mode_detail(node: onnx.NodeProto, index: GraphIndex) -> str:
+    """Why a training-mode BN is left: what keeps it from being a constant (`bnfold.constants`)."""
+    data = node.input[0] if node.input else ""
+    if not data or index.constant(data) is None:
+        why = index.why_not_constant(data) if data else "is missing"
+        return f"training_mode=1 uses the batch statistics of '{data}', which {why}"
+    read = index.running_outputs_read(node)
+    if read:
+        return f"training_mode=1 and its running mean/var output '{read[0]}' is read"
+    if node.output[0] in index.graph_outputs:
+        return "training_mode=1 on a constant, but its output is a graph output"
+    if len(node.input) < 3 or any(index.constant(name) is None for name in node.input[1:3]):
+        return "training_mode=1 and its scale or B is not a constant"
+    return "training_mode=1 on constant values with no finite result (variance + epsilon <= 0?)"
 
 
 def _match_arithmetic(node: onnx.NodeProto, index: GraphIndex, rank: int | None) -> AffineOp | Refusal:

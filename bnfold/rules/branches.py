@@ -17,7 +17,8 @@ import onnx
 
 from bnfold.branch_math import Branch, Combined, ConvBranch, Expr, GeometryMismatch, KernelTerm, Mapped, evaluate
 from bnfold.fold_math import round_to_dtype
-from bnfold.graph import GraphIndex, attribute
+from bnfold.graph import GraphIndex
+from bnfold.protos import attribute
 from bnfold.report import Reason
 from bnfold.rules.affine_ops import AffineOp, is_candidate, is_default_domain, match_affine
 from bnfold.rules.layer_kinds import auto_pad

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx
 
-from bnfold.graph import attribute
+from bnfold.protos import attribute
 from bnfold.report import Reason
 from bnfold.rules.refusal import Refusal
 

@@ -16,7 +16,8 @@ import onnx
 
 from bnfold import fold_math
 from bnfold.fold_math import ChannelAffine
-from bnfold.graph import GraphIndex, attribute
+from bnfold.graph import GraphIndex
+from bnfold.protos import attribute
 from bnfold.report import Reason
 from bnfold.rules.conv_attributes import invalid_attribute
 from bnfold.rules.refusal import Refusal

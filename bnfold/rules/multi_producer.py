@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 
 from bnfold.fold_math import ChannelAffine
-from bnfold.graph import GraphIndex, attribute
+from bnfold.graph import GraphIndex
+from bnfold.protos import attribute
 from bnfold.rules.affine_ops import AffineOp, chain_affine, chain_axis, chain_channels, is_candidate, is_default_domain
 from bnfold.rules.layers import Layer, backward_refusal, match_layer, overflow_refusal
 

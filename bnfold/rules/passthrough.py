@@ -18,7 +18,8 @@ import math
 import onnx
 
 from bnfold.fold_math import ChannelSpread
-from bnfold.graph import GraphIndex, attribute
+from bnfold.graph import GraphIndex
+from bnfold.protos import attribute
 from bnfold.rules.affine_ops import is_default_domain
 from bnfold.rules.readers import data_consumer
 
