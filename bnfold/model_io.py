@@ -62,14 +62,19 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise BadInputError(f"{path}: not an ONNX model (no graph or IR version)")
     check_supported(model, str(path))
     external: set[Path] = set()
+    store = TensorStore(path.parent)
 
     def confine(tensors: list[onnx.TensorProto]) -> None:
         external.update(file_access.check_external_data(tensors, path))
+        # Tensors outside the main graph's initializers (Constant nodes, function bodies, sparse
+        # tensors, subgraphs) are read now, from the checked files: the checker, shape inference and
+        # onnxruntime would otherwise resolve their locations against the current directory.
+        store.materialize(model, nested_only=True)
 
     check_structure(model, str(path), confine)
-    # External data stays in its files: tensors are read when a rule needs them, and streamed from
-    # there when the result is written (bnfold.tensors).
-    return LoadedModel(model, path, external, TensorStore(path.parent))
+    # The main graph's external weights stay in their files: read when a rule needs them, and
+    # streamed from there when the result is written (bnfold.tensors).
+    return LoadedModel(model, path, external, store)
 
 
 def check_supported(model: onnx.ModelProto, label: str) -> None:
