@@ -178,26 +178,24 @@ def _scan_node(node: onnx.NodeProto, pending: list[Message]) -> str | None:
                              *node.output), "node")
     for attr in node.attribute:
         bad = bad or _first_bad_string((attr.name, attr.ref_attr_name, attr.doc_string), "attribute")
-        kind = attr.type
-        if kind == onnx.AttributeProto.TENSOR:
-            pending.append(attr.t)
-        elif kind == onnx.AttributeProto.TENSORS:
-            pending.extend(attr.tensors)
-        elif kind == onnx.AttributeProto.SPARSE_TENSOR:
-            pending.append(attr.sparse_tensor)
-        elif kind == onnx.AttributeProto.SPARSE_TENSORS:
-            pending.extend(attr.sparse_tensors)
-        elif kind == onnx.AttributeProto.GRAPH:
-            pending.append(attr.g)
-        elif kind == onnx.AttributeProto.GRAPHS:
-            pending.extend(attr.graphs)
-        elif kind == onnx.AttributeProto.TYPE_PROTO:
-            pending.append(attr.tp)
-        elif kind == onnx.AttributeProto.TYPE_PROTOS:
-            pending.extend(attr.type_protos)
+        field = _MESSAGE_FIELD_OF_KIND.get(attr.type)  # the checker refuses a field other than `type`'s
+        if field is not None:
+            value = getattr(attr, field)
+            if isinstance(value, Message):
+                pending.append(value)
+            else:
+                pending.extend(value)
     if node.metadata_props:
         pending.extend(node.metadata_props)
     return bad
+
+
+_KIND = onnx.AttributeProto
+_MESSAGE_FIELD_OF_KIND = {
+    _KIND.TENSOR: "t", _KIND.TENSORS: "tensors", _KIND.SPARSE_TENSOR: "sparse_tensor",
+    _KIND.SPARSE_TENSORS: "sparse_tensors", _KIND.GRAPH: "g", _KIND.GRAPHS: "graphs", _KIND.TYPE_PROTO: "tp",
+    _KIND.TYPE_PROTOS: "type_protos",
+}
 
 
 def _first_bad_string(texts: Sequence[str | bytes], owner: str) -> str | None:
