@@ -24,6 +24,7 @@ from pathlib import Path
 import onnx
 
 from bnfold.errors import BadInputError
+from bnfold.protos import data_bytes
 
 # The keys the ONNX spec defines for an external-data entry; anything else is refused rather than
 # guessed at (a typo such as "lenght" would otherwise silently mean "to the end of the file").
@@ -61,11 +62,19 @@ def check_external_data(tensors: Iterable[onnx.TensorProto], model_path: Path) -
         data_file, size = sizes[location]
         offset = _count(entries, "offset", tensor, model_path)
         length = _count(entries, "length", tensor, model_path)
-        end = offset + (length or 0)
+        expected = data_bytes(tensor)
+        # Without a length the tensor is its own size from `offset` (as onnxruntime reads it), never
+        # the rest of the file.
+        end = offset + (length if length is not None else expected or 0)
         if end > size:
-            raise BadInputError(f"{model_path}: tensor '{tensor.name}': external data at offset {offset}"
-                                f"{'' if length is None else f' + length {length}'} lies beyond the end of "
-                                f"'{location}' ({size} bytes)")
+            raise BadInputError(f"{model_path}: tensor '{tensor.name}': external data at offset {offset} + "
+                                f"{end - offset} bytes lies beyond the end of '{location}' ({size} bytes)")
+        if expected is None:
+            raise BadInputError(f"{model_path}: tensor '{tensor.name}': external data for element type "
+                                f"{tensor.data_type}, which has no fixed-size encoding")
+        if length is not None and length != expected:
+            raise BadInputError(f"{model_path}: tensor '{tensor.name}': external data length {length} does not "
+                                f"match its dims and type ({expected} bytes)")
     return {data_file for data_file, _ in sizes.values()}
 
 

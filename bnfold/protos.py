@@ -1,4 +1,5 @@
-"""Plain readers of ONNX messages: a node's attribute value, and the types and shapes a graph declares.
+"""Plain readers of ONNX messages: a node's attribute value, the types and shapes a graph declares,
+and how many bytes a tensor's data takes.
 
 Kept apart from `bnfold.graph` because `bnfold.constants`, which `GraphIndex` itself consults,
 needs them too; this module imports nothing from bnfold, so both can depend on it.
@@ -47,3 +48,27 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)
     return default
+
+
+_T = onnx.TensorProto
+# Bits per element of every type whose data may be stored externally (all but STRING).
+_BITS = {
+    _T.FLOAT: 32, _T.UINT8: 8, _T.INT8: 8, _T.UINT16: 16, _T.INT16: 16, _T.INT32: 32, _T.INT64: 64, _T.BOOL: 8,
+    _T.FLOAT16: 16, _T.DOUBLE: 64, _T.UINT32: 32, _T.UINT64: 64, _T.COMPLEX64: 64, _T.COMPLEX128: 128,
+    _T.BFLOAT16: 16,
+}
+_BITS.update({getattr(_T, name): bits for name, bits in (
+    ("FLOAT8E4M3FN", 8), ("FLOAT8E4M3FNUZ", 8), ("FLOAT8E5M2", 8), ("FLOAT8E5M2FNUZ", 8), ("FLOAT8E8M0", 8),
+    ("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2)) if hasattr(_T, name)})
+
+
+def data_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The bytes a tensor's data takes in raw (and external) form, from its dims and type: packed
+    sub-byte types round up to whole bytes. None for a type without a fixed-size encoding."""
+    bits = _BITS.get(tensor.data_type)
+    if bits is None:
+        return None
+    elements = 1
+    for dim in tensor.dims:
+        elements *= dim
+    return (elements * bits + 7) // 8

@@ -26,7 +26,7 @@ from bnfold.rules.passthrough import PASSTHROUGH_OPS
 from bnfold.rules.readers import data_consumer
 from bnfold.rules.refusal import Refusal
 from bnfold.tensors import TensorStore
-from bnfold.walk import MAIN_SCOPE, has_subgraphs, scoped_subgraphs
+from bnfold.walk import MAIN_SCOPE, has_subgraphs, sees_callers_scope, subgraphs_with_owners
 
 MAX_PASSES = 32
 
@@ -88,8 +88,9 @@ class Rewriter:
                 break
             session.log.passes += 1
             index = build_index()
-        for path, body in scoped_subgraphs(graph, scope):
-            self.fold_graph(body, path, index)
+        for path, body, owner in subgraphs_with_owners(graph, scope):
+            # Outer names resolve in this graph only for control-flow bodies; elsewhere they are unknown.
+            self.fold_graph(body, path, index if sees_callers_scope(owner) else None)
         self._drop_outer_values_unread(graph, index)
         explained = [r for r in explain_skipped(index, scope) if (scope, r.output) not in session.created_biases]
         session.log.skipped.extend(with_branch_reasons(explained, branch_refusals))

@@ -52,7 +52,13 @@ def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 
 def scoped_subgraphs(body: ScopeBody, scope: str) -> Iterator[tuple[str, onnx.GraphProto]]:
     """The subgraphs of `body`'s own nodes (not deeper), each with a path naming its scope, e.g.
-    `main/loop.body`, `main/if.then_branch`, `main/seq.graphs[1]`.
+    `main/loop.body`, `main/if.then_branch`, `main/seq.graphs[1]`."""
+    for path, graph, _ in subgraphs_with_owners(body, scope):
+        yield path, graph
+
+
+def subgraphs_with_owners(body: ScopeBody, scope: str) -> Iterator[tuple[str, onnx.GraphProto, onnx.NodeProto]]:
+    """`scoped_subgraphs`, each with the node whose attribute holds it.
 
     The owner is the node's name (else its first output). Names may repeat, or equal another node's
     output, so a repeated owner gets `@<first output>` (outputs are unique): two bodies must never
@@ -68,10 +74,18 @@ def scoped_subgraphs(body: ScopeBody, scope: str) -> Iterator[tuple[str, onnx.Gr
             owner = f"{owner}@{node.output[0] if node.output else id(node)}"
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield f"{scope}/{owner}.{attr.name}", attr.g
+                yield f"{scope}/{owner}.{attr.name}", attr.g, node
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for position, graph in enumerate(attr.graphs):
-                    yield f"{scope}/{owner}.{attr.name}[{position}]", graph
+                    yield f"{scope}/{owner}.{attr.name}[{position}]", graph, node
+
+
+def sees_callers_scope(node: onnx.NodeProto) -> bool:
+    """Whether the graphs in `node`'s attributes run in the scope of the graph holding `node`, as
+    the bodies of If / Loop / Scan / SequenceMap do by the ONNX spec. A graph given to any other op
+    — a call of a model-local function (where it runs inside the function body, whose names differ),
+    a custom op — has no outer scope bnfold can know."""
+    return node.op_type in _SUBGRAPH_OPS and node.domain in _DEFAULT_DOMAINS
 
 
 def function_scope(function: onnx.FunctionProto) -> str:

@@ -138,6 +138,8 @@ def test_the_model_folder_itself_reached_through_a_symlink_is_fine(layout, tmp_p
     ({"location": "w.bin", "offset": "99999999999999999999999"}, "lies beyond the end of 'w.bin'"),
     ({"location": "w.bin", "offset": "4096", "length": "864"}, "lies beyond the end of 'w.bin'"),
     ({"location": "w.bin", "offset": "1", "length": "1100"}, "lies beyond the end of 'w.bin'"),
+    ({"location": "w.bin", "length": "860"}, "length 860 does not match its dims and type"),
+    ({"location": "w.bin", "offset": "400"}, "864 bytes lies beyond the end of 'w.bin'"),
     ({"length": "864"}, "location '' is empty"),
     ({"location": "bnfold:pending", "offset": "0"}, "external data file missing"),
     ({"location": "missing.bin"}, "external data file missing"),
