@@ -2,11 +2,11 @@
 
 The ONNX spec makes `length` optional; onnxruntime then reads exactly the tensor's size
 (dims x element size) from `offset`, so such a model loads and runs. bnfold instead takes "no
-length" to mean "to the end of the file" (`TensorStore.byte_length`, tensors.py:118-125), and
-`file_access.check_external_data` (file_access.py:51-70) never reconciles an entry with the tensor's
+length" to mean "to the end of the file" (`TensorStore.byte_length`, tensors.py:123-130), and
+`file_access.check_external_data` (file_access.py:49-70) never reconciles an entry with the tensor's
 dims. So:
 
-* the loader's `TensorStore.materialize(nested_only=True)` (model_io.py:70, tensors.py:175-186)
+* the loader's `TensorStore.materialize(nested_only=True)` (model_io.py:70, tensors.py:176-186)
   reads the whole rest of the file into *every* Constant / subgraph / function tensor that names it
   — a 16-byte tensor pointing at a multi-GB weight file costs that many GB per tensor (N Constants
   cost N times the file), and

@@ -5,7 +5,7 @@ bind there.
 `tests/attack2_models.function_with_graph_argument`: the main graph calls `F(x, body=<graph>)`; F's
 body defines `w` (a Constant) and runs `If(then_branch = @body)`; the passed graph does
 `Conv(x, w) -> BatchNormalization`. The main graph *also* has an initializer `w` (other values).
-`bnfold.walk.scoped_subgraphs` (walk.py:55-75) treats every graph attribute of a custom-domain node as
+`bnfold.walk.scoped_subgraphs` (walk.py:53-81) treats every graph attribute of a custom-domain node as
 a subgraph scope of the node's own graph, so the fold resolves `w` to the main graph's initializer,
 writes `w_bnfold = main_w * scale` into the passed graph — and the analytic check recomputes the
 expected weight from the same wrong tensor (the provenance's layer parameters), so it agrees. The

@@ -1,6 +1,6 @@
 """Attack: values of the wrong type or range in the public API's verification options.
 
-`RunConfig.__post_init__` (run_config.py:33-47) checks timeout, seed, iterations and tolerances by
+`RunConfig.__post_init__` (run_config.py:34-48) checks timeout, seed, iterations and tolerances by
 comparison only, and `input_shapes` / `inputs` not at all, so:
 
 * `input_shapes={"x": [1, 4, -4, 4]}` reaches numpy and raises `ValueError("negative dimensions are

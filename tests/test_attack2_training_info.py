@@ -5,7 +5,7 @@ bnfold folds the BN (removing initializers `m`, `v`, ... and giving the Conv a n
 `training_info` as it was: its `update_binding` still names `m` — no longer an initializer, which the
 ONNX spec requires of every binding key — and its algorithm graph still reads `m`. The output is a
 model whose training description is broken, reported `verification: PASSED`: verification runs only
-inference, and neither the folds (`walk.iter_scopes` leaves training graphs out, walk.py:94-118, as
+inference, and neither the folds (`walk.iter_scopes` leaves training graphs out, walk.py:84-118, as
 it should) nor anything else looks at what the training graphs *read*.
 
 Why it matters: a PASSED output that is no longer a valid ONNX model for a training runtime (and the

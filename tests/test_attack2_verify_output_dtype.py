@@ -1,8 +1,8 @@
 """Attack: `bnfold.verify(original, candidate)` lets the candidate choose its own tolerance.
 
-`runtime._compare_runs` (runtime.py:172-188) picks each output's tolerance from the element type the
+`runtime._compare_runs` (runtime.py:195-210) picks each output's tolerance from the element type the
 *candidate* declares (`output_types` from `folded.graph.output`), and `compare.compare_arrays`
-(compare.py:64-88) compares shapes but never dtypes. `fold` never changes an output's type, but the
+(compare.py:80-99) compares shapes but never dtypes. `fold` never changes an output's type, but the
 public `verify` compares *any* two models: a candidate that multiplies the float32 output by 1.008
 and casts it to float16 (declaring a float16 output) is compared with float16's rtol 1e-2 instead of
 float32's 1e-4 — `verify` returns a pass for a model 0.8 % off, with a different output type.
