@@ -1,0 +1,48 @@
+"""Attack: a model with training info (ModelProto.training_info) whose algorithm updates the BN's
+running statistics and the Conv weight.
+
+bnfold folds the BN (removing initializers `m`, `v`, ... and giving the Conv a new weight) but keeps
+`training_info` as it was: its `update_binding` still names `m` — no longer an initializer, which the
+ONNX spec requires of every binding key — and its algorithm graph still reads `m`. The output is a
+model whose training description is broken, reported `verification: PASSED`: verification runs only
+inference, and neither the folds (`walk.iter_scopes` leaves training graphs out, walk.py:84-118, as
+it should) nor anything else looks at what the training graphs *read*.
+
+Why it matters: a PASSED output that is no longer a valid ONNX model for a training runtime (and the
+onnx checker does not look at training info, so nothing else notices). Fix: refuse folds whose
+parameters a training-info graph reads or binds (a reason such as `used_by_training_info`), or drop
+training_info with a reported repair.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import bnfold
+from attack_models import conv_bn_model
+
+
+def _with_training_info() -> onnx.ModelProto:
+    model = conv_bn_model()  # x -> Conv(w) -> BN(g, b, m, v) -> y
+    info = model.training_info.add()
+    info.algorithm.CopyFrom(helper.make_graph(
+        [helper.make_node("Mul", ["m", "decay"], ["m_new"])], "algorithm", [],
+        [helper.make_tensor_value_info("m_new", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.array(0.9, np.float32), "decay")]))
+    binding = info.update_binding.add()
+    binding.key, binding.value = "m", "m_new"
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.xfail(strict=True, reason="training_info kept while the initializers it binds are folded away")
+def test_training_info_never_binds_a_folded_away_initializer() -> None:
+    result = bnfold.fold(_with_training_info())
+    model = result.model
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    stale = [binding.key for info in model.training_info for binding in info.update_binding
+             if binding.key not in initializers]
+    assert not stale, f"update_binding names initializers the fold removed: {stale}"
