@@ -66,6 +66,8 @@ def run_config(verify: bool | RunConfig, options: dict[str, Any], caller: str) -
         raise TypeError(f"{caller}() got an unexpected keyword argument '{unknown[0]}'")
     if isinstance(verify, RunConfig):
         return dataclasses.replace(verify, **options) if options else verify
+    if not isinstance(verify, bool):  # "no" would be truthy: verification must be asked for exactly
+        raise TypeError(f"{caller}() verify must be True, False or a RunConfig, got {type(verify).__name__}")
     return RunConfig(**options)
 
 

@@ -83,6 +83,9 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol
     if reference.shape != candidate.shape:
         return OutputCheck(name, float("inf"), float("inf"), atol, rtol, reference.size, reference.size, False,
                            note=f"shapes differ: {list(reference.shape)} vs {list(candidate.shape)}")
+    if reference.dtype != candidate.dtype:
+        return OutputCheck(name, float("inf"), float("inf"), atol, rtol, reference.size, reference.size, False,
+                           note=f"element types differ: {reference.dtype} vs {candidate.dtype}")
     if not _is_float(reference):
         mismatches = int((reference != candidate).sum())
         return _finish(OutputCheck(name, float(mismatches > 0), float(mismatches > 0), atol, rtol, mismatches,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from bnfold.constants import EvaluatedConstant
+from bnfold.graph import names_used_inside
 from bnfold.names import NameRegistry
 from bnfold.provenance import BranchProvenance, LayerProvenance, OriginalLayer
 from bnfold.report import FoldedRecord, MergedBranchesRecord, SkippedRecord
@@ -33,6 +34,18 @@ class RewriteLog:
     passes: int = 0
 
 
+def trained_names(model: onnx.ModelProto) -> frozenset[str]:
+    """Every name the model's training_info binds or reads (its algorithm and initialization
+    graphs run against the main graph's initializers and values)."""
+    names: set[str] = set()
+    for info in model.training_info:
+        for binding in [*info.initialization_binding, *info.update_binding]:
+            names.update((binding.key, binding.value))
+        for part in (info.initialization, info.algorithm):
+            names |= names_used_inside(part)
+    return frozenset(names)
+
+
 class FoldSession:
     def __init__(self, model: onnx.ModelProto, opset: int, keep_provenance: bool, store: TensorStore | None,
                  merge_branches: bool = True) -> None:
@@ -42,6 +55,7 @@ class FoldSession:
         self.keep_provenance = keep_provenance
         self.merge_branches = merge_branches
         self.names = NameRegistry(model)
+        self.trained_names = trained_names(model)
         self.log = RewriteLog()
         self._value_infos: dict[str, dict] | None = None
         self.evaluated_names: set[RecordKey] = set()  # (scope, name): never overwritten in place

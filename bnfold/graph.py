@@ -81,6 +81,7 @@ class GraphIndex:
         store: TensorStore | None = None,
         input_kind: str = "graph input",
         static_infos: Callable[[], dict[str, ValueInfo]] | None = None,
+        trained: frozenset[str] = frozenset(),
     ) -> None:
         self.graph = graph
         self.input_kind = input_kind  # what the graph's inputs are, for refusal messages
@@ -113,6 +114,11 @@ class GraphIndex:
         overridable = is_main_graph and ir_version >= 4
         self.overridable = graph_inputs & self.initializers.keys() if overridable else set()
         self.graph_inputs = graph_inputs - (self.initializers.keys() - self.overridable)
+        # Names the model's training_info reads or binds: a training step changes those initializers
+        # (so they are no constants, and stay) and reads those values (so they keep their names).
+        self.trained = trained
+        self.overridable |= trained & self.initializers.keys()
+        self.graph_outputs |= trained - self.initializers.keys()
         # Shape inference is only needed by some rules (MatMul ranks, Mul/Add broadcasting), so it
         # may be passed as a callable and is then run on first use only.
         # Without inferred shapes, only what the graph declares for its inputs and constants counts:
@@ -212,6 +218,8 @@ class GraphIndex:
 
     def why_not_constant(self, name: str, depth: int = 4) -> str:
         """Where a non-constant value comes from, for a refusal message."""
+        if name in self.trained:
+            return "is an initializer the model's training_info updates"
         if name in self.overridable:
             return "is an initializer that is also a graph input (callers may override it)"
         if name in self.graph_inputs:

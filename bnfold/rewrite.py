@@ -60,6 +60,7 @@ class Rewriter:
         def build_index() -> GraphIndex:
             return GraphIndex(graph, session.model.ir_version, session.opset, infos, outer, is_main_graph=outer is None,
                               store=session.store, input_kind=input_kind,
+                              trained=session.trained_names if scope == MAIN_SCOPE else frozenset(),
                               # Inferred shapes are evidence-only (`bnfold.shapes`): main-graph ones
                               # may make a Shape/CastLike reader's result a constant.
                               static_infos=infos if scope == MAIN_SCOPE else None)

@@ -36,7 +36,6 @@ def _run(model, feeds):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-@pytest.mark.xfail(strict=True, reason="a graph passed to a function call is folded with the caller's `w`; PASSED is wrong")
 def test_graph_passed_to_a_function_is_not_folded_with_the_callers_names() -> None:
     original = function_with_graph_argument()
     result = bnfold.fold(original, raise_on_failure=False)

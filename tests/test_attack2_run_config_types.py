@@ -31,7 +31,6 @@ from bnfold.errors import BadInputError
 ONES = np.ones((1, 4, 4, 4), np.float32)
 
 
-@pytest.mark.xfail(strict=True, reason="RunConfig does not validate input_shapes / inputs / bool numbers")
 @pytest.mark.parametrize("options", [
     {"input_shapes": {"x": [1, 4, -4, 4]}},
     {"input_shapes": [1, 4, 4, 4]},

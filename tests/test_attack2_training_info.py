@@ -38,7 +38,6 @@ def _with_training_info() -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.xfail(strict=True, reason="training_info kept while the initializers it binds are folded away")
 def test_training_info_never_binds_a_folded_away_initializer() -> None:
     result = bnfold.fold(_with_training_info())
     model = result.model
@@ -46,3 +45,23 @@ def test_training_info_never_binds_a_folded_away_initializer() -> None:
     stale = [binding.key for info in model.training_info for binding in info.update_binding
              if binding.key not in initializers]
     assert not stale, f"update_binding names initializers the fold removed: {stale}"
+
+
+def test_a_bn_whose_statistics_are_trained_is_refused_with_the_reason() -> None:
+    result = bnfold.fold(_with_training_info())
+    assert result.report.ops_after.get("BatchNormalization") == 1
+    skipped, = result.report.skipped
+    assert skipped.reason == bnfold.Reason.PARAMS_NOT_CONSTANT
+    assert skipped.detail == "mean 'm' is an initializer the model's training_info updates"
+
+
+def test_training_info_that_reads_none_of_the_fold_does_not_block_it() -> None:
+    model = _with_training_info()
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(4, np.float32), "counter"))
+    binding = model.training_info[0].update_binding[0]
+    binding.key = "counter"  # trains an initializer the fold does not touch
+    model.training_info[0].algorithm.node[0].input[0] = "counter"
+    result = bnfold.fold(model)
+    assert result.report.passed and "BatchNormalization" not in result.report.ops_after
+    assert {t.name for t in result.model.graph.initializer} >= {"counter"}
+    assert result.model.training_info[0].update_binding[0].key == "counter"

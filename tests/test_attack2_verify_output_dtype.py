@@ -37,7 +37,6 @@ def _off_by_08_percent_in_float16(original: onnx.ModelProto) -> onnx.ModelProto:
     return candidate
 
 
-@pytest.mark.xfail(strict=True, reason="verify() takes the tolerance from the candidate's declared output type")
 def test_candidate_cannot_loosen_its_tolerance_by_declaring_float16() -> None:
     original = conv_bn_model()
     with pytest.raises(VerificationError):

@@ -74,3 +74,14 @@ def test_run_config_takes_keywords_only_and_normalises_its_fields() -> None:
         RunConfig(3)  # type: ignore[misc]  # a positional seed would silently shift with a new field
     config = RunConfig(input_shapes=None, providers="CPUExecutionProvider", save_inputs=Path("a.npz"))  # type: ignore[arg-type]
     assert config.input_shapes == {} and config.providers == ["CPUExecutionProvider"] and config.save_inputs == "a.npz"
+
+
+def test_ill_typed_options_are_refused(tmp_path: Path) -> None:
+    model = _model_file(tmp_path)
+    with pytest.raises(TypeError, match="verify must be True, False or a RunConfig"):
+        bnfold.fold(model, verify="no")  # type: ignore[arg-type]
+    for options in ({"seed": True}, {"iterations": 2.0}, {"timeout": True}, {"rtol": True},
+                    {"providers": [1]}, {"isolated": "no"}, {"input_shapes": {"x": [1, True, 6, 6]}}):
+        with pytest.raises(bnfold.BadInputError):
+            RunConfig(**options)
+    assert RunConfig(seed=np.int64(3), atol=np.float32(0.5)).seed == 3
