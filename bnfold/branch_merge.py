@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import onnx
 
 from bnfold.branch_math import Branch, Combined, ConvBranch, Expr, evaluate

@@ -24,7 +24,7 @@ from bnfold.rules.multi_producer import JOIN_OPS
 
 
 def fold_layer(plan: LayerPlan, edits: PassEdits, session: FoldSession) -> None:
-    layer, index, scope = plan.layer, edits.index, edits.scope
+    layer, scope = plan.layer, edits.scope
     # With layout-only nodes after `pre`, the layer keeps reading them and the first of them
     # reads the chain's input instead.
     x_name = plan.pre[0].data_input if plan.pre and not plan.layout_before else layer.data_input

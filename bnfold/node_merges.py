@@ -5,7 +5,6 @@ constants replaced by their values."""
 from __future__ import annotations
 
 import numpy as np
-
 import onnx
 
 from bnfold.constants import EvaluatedConstant, is_training_bn

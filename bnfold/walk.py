@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
+
 import onnx
 
 MAIN_SCOPE = "main"

@@ -21,9 +21,9 @@ from bnfold.graph import GraphIndex
 from bnfold.protos import attribute
 from bnfold.report import Reason
 from bnfold.rules.affine_ops import AffineOp, is_candidate, is_default_domain, match_affine
+from bnfold.rules.conv_attributes import invalid_attribute
 from bnfold.rules.layer_kinds import auto_pad
 from bnfold.rules.layers import Layer, match_layer
-from bnfold.rules.conv_attributes import invalid_attribute
 from bnfold.rules.refusal import Refusal
 
 COMBINE_OPS = frozenset({"Add", "Sub", "Sum"})

@@ -16,7 +16,15 @@ import onnx
 
 from bnfold.graph import GraphIndex
 from bnfold.report import Reason, SkippedRecord
-from bnfold.rules.affine_ops import ARITHMETIC_OPS, AffineOp, chain_affine, is_candidate, is_default_domain, match_affine, match_batch_norm
+from bnfold.rules.affine_ops import (
+    ARITHMETIC_OPS,
+    AffineOp,
+    chain_affine,
+    is_candidate,
+    is_default_domain,
+    match_affine,
+    match_batch_norm,
+)
 from bnfold.rules.chains import worth_folding
 from bnfold.rules.gemm_bias import match_gemm_bias
 from bnfold.rules.layers import LAYER_OPS, Layer, backward_refusal, forward_refusal, match_layer, overflow_refusal
