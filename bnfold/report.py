@@ -55,8 +55,8 @@ REASON_MEANINGS: dict[Reason, str] = {
     Reason.EXTRA_OUTPUTS: "running mean/var outputs are produced and read",
     Reason.NOT_SPATIAL: "BN-1..7 with `spatial=0` (statistics per element)",
     Reason.PARAMS_NOT_CONSTANT: "scale/B/mean/var are computed or fed at run time (includes IR ≥ 4 initializers that "
-                                "are also graph inputs, which callers may override, and inputs of a model-local "
-                                "function)",
+                                "are also graph inputs, which callers may override, inputs of a model-local "
+                                "function, and initializers the model's training_info updates)",
     Reason.INVALID_PARAMS: "NaN/Inf, `var + eps ≤ 0`, parameters of different lengths, or folded parameters that "
                            "would overflow the layer's dtype",
     Reason.UNSUPPORTED_DTYPE: "weights or parameters that are not float16/bfloat16/float/double",
