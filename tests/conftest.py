@@ -1,11 +1,8 @@
-import sys
-from pathlib import Path
+import os
 
 from hypothesis import HealthCheck, settings
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 # CI runs the "ci" profile (more examples); local runs stay quick. Select with HYPOTHESIS_PROFILE.
 settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "dev"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

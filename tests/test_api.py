@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import sample_model_names
 from onnx import numpy_helper
-
-from builders import sample_model_names
 
 import bnfold
 from bnfold import BadInputError, VerificationError

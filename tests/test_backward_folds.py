@@ -23,12 +23,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import GraphBuilder, op_types, random_feeds, run
+from helpers import op_types, random_feeds, run
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ReferenceConvTranspose
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.api import FoldResult
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

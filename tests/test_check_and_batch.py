@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder, invoke
+from helpers import invoke
 from onnx import helper
 from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "sample_models"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import invoke, sample_model_names
+from helpers import invoke, sample_model_names
 
 import bnfold
 from bnfold.report import Reason

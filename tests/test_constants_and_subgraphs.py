@@ -10,10 +10,11 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder, op_types, random_feeds, run
+from helpers import op_types, random_feeds, run
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.report import Reason, op_counts
 
 BN = "BatchNormalization"

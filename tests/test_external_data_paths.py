@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder, invoke, random_feeds, run
+from helpers import invoke, random_feeds, run
 from onnx import helper, numpy_helper
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold import BadInputError
 
 SECRET = b"TOP-SECRET-" * 100  # 1,100 bytes: enough for the 8x3x3x3 float weight (864 bytes)

@@ -45,13 +45,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder, random_feeds, run
+from helpers import random_feeds, run
 from hypothesis import assume, example, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from onnx import helper, numpy_helper
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.report import Reason
 
 FUZZ_EXAMPLES = int(os.environ.get("BNFOLD_FUZZ_EXAMPLES") or max(50, settings.default.max_examples))

@@ -12,7 +12,7 @@ import pytest
 
 jsonschema = pytest.importorskip("jsonschema")
 
-from builders import sample_model_names
+from helpers import sample_model_names
 from click.testing import CliRunner, Result
 from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
 

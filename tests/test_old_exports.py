@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from builders import invoke
+from helpers import invoke
 from onnx import external_data_helper
 
 import bnfold

@@ -11,11 +11,12 @@ import numpy as np
 import onnx
 import pytest
 import test_branch_refusals
-from builders import GraphBuilder, op_types, random_feeds, run
-from test_map_reasons import test_weight_on_the_left_of_a_matmul_is_refused_as_such
+from helpers import op_types, random_feeds, run
 from onnx import TensorProto, helper
+from test_map_reasons import test_weight_on_the_left_of_a_matmul_is_refused_as_such
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.report import Reason, SkippedRecord, op_counts
 
 BN = "BatchNormalization"

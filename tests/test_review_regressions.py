@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from builders import run
+from helpers import run
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold

@@ -38,7 +38,7 @@ def test_a_wrong_fold_hidden_from_every_output_fails_at_its_tensor(monkeypatch):
 
     import bnfold
     from bnfold import fold_math
-    from builders import GraphBuilder
+    from benchmarks.graph_builder import GraphBuilder
 
     original = fold_math.conv_backward
 

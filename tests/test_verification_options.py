@@ -15,9 +15,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import GraphBuilder, invoke
 from click.testing import Result
+from helpers import invoke
 from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
+
+from benchmarks.graph_builder import GraphBuilder
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "sample_models"

@@ -11,11 +11,12 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder, run
+from helpers import run
 from onnx import helper, numpy_helper
 
 import bnfold
 import bnfold.render
+from benchmarks.graph_builder import GraphBuilder
 from bnfold import BadInputError
 from bnfold.report import Verification
 from bnfold.runtime import RunConfig, Tensors, compare_outputs
