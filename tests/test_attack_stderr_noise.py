@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from attack_models import conv_bn_model
+from helpers import conv_bn_model
 
 C = 4
 

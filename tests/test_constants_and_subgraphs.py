@@ -43,16 +43,6 @@ def tensor(name: str, shape: list[int], elem_type: int = TensorProto.FLOAT) -> o
     return helper.make_tensor_value_info(name, elem_type, shape)
 
 
-def make_model(g: GraphBuilder, outputs: list[onnx.ValueInfoProto], ir_version: int = 8,
-               extra_inputs: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
-    graph = helper.make_graph(g.nodes, "test", [*g.inputs, *(extra_inputs or [])], outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", g.opset)])
-    model.ir_version = ir_version
-    model = onnx.shape_inference.infer_shapes(model)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 def all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     graphs = [graph]
     for node in graph.node:
@@ -205,8 +195,7 @@ def test_constant_shared_with_another_reader_is_kept() -> None:
 
 
 def ir3_model(g: GraphBuilder, outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
-    listed = [tensor(t.name, list(t.dims), t.data_type) for t in g.initializers]
-    return make_model(g, outputs, ir_version=3, extra_inputs=listed)
+    return g.model(outputs, ir_version=3, extra_inputs=g.initializer_inputs())
 
 
 @pytest.mark.parametrize("case", ["conv_bias", "conv_no_bias", "conv_mul_add", "merge"])
@@ -272,7 +261,7 @@ def test_if_branches_fold_with_shared_outer_initializer() -> None:
     g.nodes.append(helper.make_node("If", [flag], ["if_out"], name="if_node",
                                     then_branch=then_b.body([], [tensor(then_out, [1, 4, 8, 8])]),
                                     else_branch=else_b.body([], [tensor(else_out, [1, 4, 8, 8])])))
-    model = make_model(g, [tensor(outer, [1, 4, 8, 8]), tensor("if_out", [1, 4, 8, 8])])
+    model = g.model([tensor(outer, [1, 4, 8, 8]), tensor("if_out", [1, 4, 8, 8])])
     shared_before = numpy_helper.to_array(model.graph.initializer[0])
     result = fold_and_compare(model, feeds_with_flag(model))
     assert op_counts(result.model).get(BN, 0) == 0
@@ -308,7 +297,7 @@ def loop_model(nested_if: bool) -> onnx.ModelProto:
                        tensor("body_v", [1, 4, 8, 8])],
                       [tensor("body_cond_out", [], TensorProto.BOOL), tensor(carried, [1, 4, 8, 8])])
     g.nodes.append(helper.make_node("Loop", [*inputs, x], ["loop_out"], name="loop_node", body=graph))
-    return make_model(g, [tensor("loop_out", [1, 4, 8, 8])])
+    return g.model([tensor("loop_out", [1, 4, 8, 8])])
 
 
 def test_loop_body_folds() -> None:
@@ -352,7 +341,7 @@ def test_outer_conv_output_read_inside_a_body_blocks_the_fold(reader: str) -> No
         start = g.node("Identity", [y])
         g.nodes.append(helper.make_node("Loop", [g.const(np.array(3), "trip", dtype=np.int64), "", start],
                                         ["sub_out"], name="reader", body=graph))
-    model = make_model(g, [tensor(y, [2, 4, 8, 8]), tensor("sub_out", [2, 4, 8, 8])])
+    model = g.model([tensor(y, [2, 4, 8, 8]), tensor("sub_out", [2, 4, 8, 8])])
     feeds = feeds_with_flag(model) if reader == "If" else [random_feeds(model)]
     result = fold_and_compare(model, feeds)
     assert result.report.folded == []
@@ -375,7 +364,7 @@ def test_overridable_outer_weight_used_in_a_body_is_not_constant() -> None:
     g.nodes.append(helper.make_node("If", [flag], ["if_out"], name="if_node",
                                     then_branch=then_b.body([], [tensor(then_out, [1, 4, 8, 8])]),
                                     else_branch=else_b.body([], [tensor(else_out, [1, 4, 8, 8])])))
-    model = make_model(g, [tensor("if_out", [1, 4, 8, 8])], extra_inputs=[tensor(weight, [4, 3, 3, 3])])
+    model = g.model([tensor("if_out", [1, 4, 8, 8])], extra_inputs=[tensor(weight, [4, 3, 3, 3])])
     result = fold_and_compare(model, feeds_with_flag(model))
     assert [(r.graph, r.reason) for r in result.report.skipped] == \
         [("main/if_node.then_branch", Reason.WEIGHT_NOT_CONSTANT)]
@@ -395,7 +384,7 @@ def test_bn_params_from_outer_constant_nodes_fold_inside_a_body() -> None:
         branches[branch] = b.body([], [tensor(out, [1, 4, 8, 8])])
     g.nodes.append(helper.make_node("If", [flag], ["if_out"], name="if_node", then_branch=branches["then"],
                                     else_branch=branches["else"]))
-    model = make_model(g, [tensor("if_out", [1, 4, 8, 8])])
+    model = g.model([tensor("if_out", [1, 4, 8, 8])])
     result = fold_and_compare(model, feeds_with_flag(model))
     assert op_counts(result.model).get(BN, 0) == 0
     assert len(result.report.folded) == 2
@@ -420,8 +409,8 @@ def test_new_names_stay_unique_across_scopes() -> None:
     main_conv = g.bn(g.node("Conv", [x, weight], pads=[1, 1, 1, 1]), 4)
     g.nodes.append(helper.make_node("If", [flag], ["if_out"], name="if_node", then_branch=branches["then"],
                                     else_branch=branches["else"]))
-    model = make_model(g, [tensor("if_out", [1, 4, 8, 8]), tensor(main_conv, [1, 4, 8, 8]),
-                           *(tensor(d, [1]) for d in decoys)])
+    model = g.model([tensor("if_out", [1, 4, 8, 8]), tensor(main_conv, [1, 4, 8, 8]),
+                     *(tensor(d, [1]) for d in decoys)])
     result = fold_and_compare(model, feeds_with_flag(model))
     assert op_counts(result.model).get(BN, 0) == 0
     assert len(result.report.folded) == 3
@@ -442,7 +431,7 @@ def test_forward_fold_inside_a_body_on_an_outer_input() -> None:
         branches[branch] = b.body([], [tensor(out, [1, 4, 6, 6])])
     g.nodes.append(helper.make_node("If", [flag], ["if_out"], name="if_node", then_branch=branches["then"],
                                     else_branch=branches["else"]))
-    model = make_model(g, [tensor("if_out", [1, 4, 6, 6])])
+    model = g.model([tensor("if_out", [1, 4, 6, 6])])
     result = fold_and_compare(model, feeds_with_flag(model))
     assert op_counts(result.model).get(BN, 0) == 0
     assert sorted((r.direction, r.graph) for r in result.report.folded) == [

@@ -33,13 +33,8 @@ def _opset6_model() -> onnx.ModelProto:
 
 def _ir3_model(g: GraphBuilder, output: str, shape: list[int]) -> onnx.ModelProto:
     """An IR-3 model of `g`'s nodes, every initializer also listed as a graph input."""
-    inputs = g.inputs + [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in g.initializers]
-    graph = helper.make_graph(g.nodes, "old", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, shape)],
-                              g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", g.opset)])
-    model.ir_version = 3
-    onnx.checker.check_model(model)
-    return model
+    return g.model([helper.make_tensor_value_info(output, TensorProto.FLOAT, shape)], ir_version=3,
+                   extra_inputs=g.initializer_inputs(), infer_shapes=False)
 
 
 def test_opset6_bn_and_gemm_fold_and_are_verified_by_the_reference_evaluator():

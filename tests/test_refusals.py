@@ -31,23 +31,6 @@ UNREACHABLE_FOR_BN = {Reason.UNSUPPORTED_DTYPE, Reason.CHANNEL_COUNT_MISMATCH, R
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def make_model(g: GraphBuilder, outputs: list[onnx.ValueInfoProto], ir_version: int = 8,
-               extra_inputs: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
-    """Like GraphBuilder.model, but with typed outputs and extra graph inputs."""
-    graph = helper.make_graph(g.nodes, "test", [*g.inputs, *(extra_inputs or [])], outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", g.opset)])
-    model.ir_version = ir_version
-    model = onnx.shape_inference.infer_shapes(model)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def initializer_inputs(g: GraphBuilder, names: list[str] | None = None) -> list[onnx.ValueInfoProto]:
-    """Graph-input declarations for initializers (all of them when `names` is None)."""
-    return [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-            for t in g.initializers if names is None or t.name in names]
-
-
 def bn_names(model: onnx.ModelProto) -> list[str]:
     return [node.name for node in model.graph.node if node.op_type == BN]
 
@@ -103,7 +86,7 @@ def test_training_mode_is_refused(opset: int) -> None:
     params = g.bn_params(4)
     g.nodes.append(helper.make_node(BN, [conv, *params], ["y", "running_mean", "running_var"], name="bn_train",
                                     training_mode=1))
-    model = make_model(g, [float_output("y", [2, 4, 8, 8])])
+    model = g.model([float_output("y", [2, 4, 8, 8])])
     record = refused(model, Reason.TRAINING_MODE)
     assert "training" in record.detail
 
@@ -118,7 +101,7 @@ def test_running_mean_output_is_refused(mean_is_graph_output: bool) -> None:
     outputs = [float_output("y", [2, 4, 8, 8])]
     if mean_is_graph_output:
         outputs.append(float_output("running_mean", [4]))
-    refused(make_model(g, outputs), Reason.EXTRA_OUTPUTS)
+    refused(g.model(outputs), Reason.EXTRA_OUTPUTS)
 
 
 def test_spatial_0_is_refused() -> None:
@@ -127,7 +110,7 @@ def test_spatial_0_is_refused() -> None:
     params = [g.const(r.uniform(0.5, 1.5, (4, 8, 8)), "gamma"), g.const(r.normal(0, 0.2, (4, 8, 8)), "beta"),
               g.const(r.normal(0, 0.5, (4, 8, 8)), "mean"), g.const(r.uniform(0.5, 1.5, (4, 8, 8)), "var")]
     g.nodes.append(helper.make_node(BN, [conv, *params], ["y"], name="bn_elementwise", spatial=0))
-    refused(make_model(g, [float_output("y", [2, 4, 8, 8])]), Reason.NOT_SPATIAL)
+    refused(g.model([float_output("y", [2, 4, 8, 8])]), Reason.NOT_SPATIAL)
 
 
 # --- BN parameters ---------------------------------------------------------------------------------
@@ -156,8 +139,7 @@ def test_overridable_initializer_is_not_constant() -> None:
     g, conv = conv_bn_graph()
     params = g.bn_params(4)
     y = g.node(BN, [conv, *params], "bn")
-    model = make_model(g, [float_output(y, [2, 4, 8, 8])], ir_version=8,
-                       extra_inputs=initializer_inputs(g, [params[3]]))
+    model = g.model([float_output(y, [2, 4, 8, 8])], ir_version=8, extra_inputs=g.initializer_inputs([params[3]]))
     refused(model, Reason.PARAMS_NOT_CONSTANT)
     # The override really changes the result: folding the default would have been wrong.
     feeds = random_feeds(model)
@@ -170,7 +152,7 @@ def test_ir3_initializers_listed_as_inputs_are_constant() -> None:
     # IR 3 listed every initializer as a graph input; there that says nothing about overriding.
     g, conv = conv_bn_graph(opset=8)
     y = g.bn(conv, 4)
-    model = make_model(g, [float_output(y, [2, 4, 8, 8])], ir_version=3, extra_inputs=initializer_inputs(g))
+    model = g.model([float_output(y, [2, 4, 8, 8])], ir_version=3, extra_inputs=g.initializer_inputs())
     result = bnfold.fold(model)
     assert result.report.passed and result.report.verification is not None
     assert op_types(result.model) == ["Conv"]
@@ -235,7 +217,7 @@ def test_conv_weight_overridable_initializer_is_refused() -> None:
     g, conv = conv_bn_graph()
     y = g.bn(conv, 4)
     weight = g.nodes[0].input[1]
-    model = make_model(g, [float_output(y, [2, 4, 8, 8])], extra_inputs=initializer_inputs(g, [weight]))
+    model = g.model([float_output(y, [2, 4, 8, 8])], extra_inputs=g.initializer_inputs([weight]))
     record = refused(model, Reason.WEIGHT_NOT_CONSTANT)
     assert "also a graph input" in record.detail
 
@@ -280,7 +262,7 @@ def test_matmul_of_unknown_rank_is_unknown_shape() -> None:
                                     else_branch=else_graph))
     y = g.bn(g.matmul("either", 3, 4), 4)
     total = g.node("ReduceSum", [y], keepdims=0)
-    model = make_model(g, [float_output(total, [])])
+    model = g.model([float_output(total, [])])
     assert model.graph.value_info and not any(v.type.tensor_type.HasField("shape") for v in model.graph.value_info
                                               if v.name == "either")
     for flag in (True, False):

@@ -4,35 +4,25 @@ with verification switched off."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from helpers import run
-from onnx import TensorProto, helper, numpy_helper
+from helpers import model_from_text, run
+from onnx import TensorProto, helper
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.report import Reason
-
-
-def _value(name: str, shape=None, elem=TensorProto.FLOAT) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def _model(nodes, inputs, outputs, initializers) -> onnx.ModelProto:
-    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, initializers),
-                              opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def test_fold_that_would_overflow_float16_is_refused():
     weight = np.full((2, 2, 1, 1), 0.01, np.float16)
     weight[0, 0] = 40000.0  # times gamma 4 does not fit in float16
-    params = [numpy_helper.from_array(np.array(v, np.float16), n) for n, v in
-              [("g", [4.0, 1.0]), ("b", [0.0, 0.0]), ("m", [0.0, 0.0]), ("v", [1.0, 1.0])]]
-    model = _model([helper.make_node("Conv", ["x", "W"], ["c"]),
-                    helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], epsilon=0.0)],
-                   [_value("x", [1, 2, 2, 2], TensorProto.FLOAT16)], [_value("y", [1, 2, 2, 2], TensorProto.FLOAT16)],
-                   [numpy_helper.from_array(weight, "W"), *params])
+    params = {n: np.array(v, np.float16) for n, v in
+              [("g", [4.0, 1.0]), ("b", [0.0, 0.0]), ("m", [0.0, 0.0]), ("v", [1.0, 1.0])]}
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float16[1, 2, 2, 2] x) => (float16[1, 2, 2, 2] y) {
+            c = Conv(x, W)
+            y = BatchNormalization <epsilon = 0.0> (c, g, b, m, v)
+        }""", {"W": weight, **params})
     result = bnfold.fold(model, verify=False)
     assert not result.report.folded
     [skipped] = result.report.skipped
@@ -43,18 +33,21 @@ def test_fold_that_would_overflow_float16_is_refused():
 
 def test_subgraph_scopes_with_clashing_owner_names_keep_their_own_shapes():
     rng = np.random.default_rng(0)
+    unshaped = helper.make_tensor_value_info("o", TensorProto.FLOAT, None)
     # If "Q": c = Conv(x) is [2,6,6,6]; Mul by k[6,1] scales rows (axis 2), never channels.
     body_a = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node("Mul", ["c", "k"], ["o"])],
-                               "a", [], [_value("o")])
+                               "a", [], [unshaped])
     # An unnamed If whose OUTPUT is "Q": its body has a value "c" of rank 3.
     body_b = helper.make_graph([helper.make_node("Conv", ["x3", "W1"], ["c"]), helper.make_node("Relu", ["c"], ["o"])],
-                               "b", [], [_value("o")])
-    nodes = [helper.make_node("If", ["cond"], ["y1"], name="Q", then_branch=body_a, else_branch=body_a),
-             helper.make_node("If", ["cond"], ["Q"], then_branch=body_b, else_branch=body_b)]
-    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
-               for n, s in (("W", (6, 3, 3, 3)), ("k", (6, 1)), ("W1", (3, 3, 1)))]
-    model = _model(nodes, [_value("x", [2, 3, 8, 8]), _value("x3", [2, 3, 8]), _value("cond", [], TensorProto.BOOL)],
-                   [_value("y1", [2, 6, 6, 6]), _value("Q", [2, 3, 8])], weights)
+                               "b", [], [unshaped])
+    g = GraphBuilder(rng)
+    for name, shape in (("W", (6, 3, 3, 3)), ("k", (6, 1)), ("W1", (3, 3, 1))):
+        g.initializer(name, rng.standard_normal(shape).astype(np.float32))
+    g.input("x", [2, 3, 8, 8]), g.input("x3", [2, 3, 8]), g.input("cond", [], np.bool_)
+    g.nodes += [helper.make_node("If", ["cond"], ["y1"], name="Q", then_branch=body_a, else_branch=body_a),
+                helper.make_node("If", ["cond"], ["Q"], then_branch=body_b, else_branch=body_b)]
+    model = g.model([helper.make_tensor_value_info("y1", TensorProto.FLOAT, [2, 6, 6, 6]),
+                     helper.make_tensor_value_info("Q", TensorProto.FLOAT, [2, 3, 8])], infer_shapes=False)
     result = bnfold.fold(model, verify=False)
     assert not result.report.folded
     feeds = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32),
@@ -65,12 +58,13 @@ def test_subgraph_scopes_with_clashing_owner_names_keep_their_own_shapes():
 def test_all_ones_constant_on_a_tensor_of_unknown_rank_is_not_a_scalar():
     # Reshape to a runtime shape hides the rank; the Mul by k[1,1,1,1] may add axes to it.
     rng = np.random.default_rng(1)
-    model = _model(
-        [helper.make_node("Reshape", ["x0", "s"], ["x"]), helper.make_node("MatMul", ["x", "W"], ["c"]),
-         helper.make_node("Mul", ["c", "k"], ["y"])],
-        [_value("x0", [6, 5]), _value("s", ["r"], TensorProto.INT64)], [_value("y", ["a", "b", "c", "d"])],
-        [numpy_helper.from_array(rng.standard_normal((5, 6)).astype(np.float32), "W"),
-         numpy_helper.from_array(np.full((1, 1, 1, 1), 2.0, np.float32), "k")])
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[6, 5] x0, int64[r] s) => (float[a, b, c, d] y) {
+            x = Reshape(x0, s)
+            c = MatMul(x, W)
+            y = Mul(c, k)
+        }""", {"W": rng.standard_normal((5, 6)).astype(np.float32), "k": np.full((1, 1, 1, 1), 2.0, np.float32)})
     result = bnfold.fold(model, verify=False)
     assert [n.op_type for n in result.model.graph.node] == ["Reshape", "MatMul", "Mul"]
     assert result.report.folded == []
@@ -80,13 +74,18 @@ def test_all_ones_constant_on_a_tensor_of_unknown_rank_is_not_a_scalar():
 
 def test_added_bias_nodes_of_unnamed_matmuls_do_not_share_a_name():
     rng = np.random.default_rng(2)
-    nodes, weights = [], []
-    for i in (1, 2):
-        nodes += [helper.make_node("MatMul", ["x", f"W{i}"], [f"c{i}"]), helper.make_node("Mul", [f"c{i}", f"k{i}"], [f"d{i}"]),
-                  helper.make_node("Add", [f"d{i}", f"a{i}"], [f"y{i}"])]
-        weights += [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), f"{n}{i}")
-                    for n, s in (("W", (5, 6)), ("k", (6,)), ("a", (6,)))]
-    model = _model(nodes, [_value("x", [2, 3, 5])], [_value("y1", [2, 3, 6]), _value("y2", [2, 3, 6])], weights)
+    weights = {f"{n}{i}": rng.standard_normal(s).astype(np.float32)
+               for i in (1, 2) for n, s in (("W", (5, 6)), ("k", (6,)), ("a", (6,)))}
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 3, 5] x) => (float[2, 3, 6] y1, float[2, 3, 6] y2) {
+            c1 = MatMul(x, W1)
+            d1 = Mul(c1, k1)
+            y1 = Add(d1, a1)
+            c2 = MatMul(x, W2)
+            d2 = Mul(c2, k2)
+            y2 = Add(d2, a2)
+        }""", weights)
     result = bnfold.fold(model)  # verification loads the folded model in onnxruntime
     assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Add", "MatMul", "Add"]
     names = [n.name for n in result.model.graph.node if n.name]
