@@ -25,8 +25,9 @@ from onnx import helper, numpy_helper
 
 class GraphBuilder:
     def __init__(self, rng: np.random.Generator | None = None, dtype: npt.DTypeLike = np.float32,
-                 opset: int = 17) -> None:
+                 opset: int = 17, scope: str = "") -> None:
         self.rng = rng or np.random.default_rng(0)
+        self.scope = scope  # prefix of every generated name: a subgraph body never reuses an outer name
         self.dtype = np.dtype(dtype)
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
@@ -38,7 +39,7 @@ class GraphBuilder:
 
     def name(self, prefix: str) -> str:
         self._count += 1
-        return f"{prefix}{self._count}"
+        return f"{self.scope}_{prefix}{self._count}" if self.scope else f"{prefix}{self._count}"
 
     @property
     def elem_type(self) -> int:
@@ -51,8 +52,8 @@ class GraphBuilder:
         return name
 
     def initializer(self, name: str, array: np.ndarray) -> str:
-        """An initializer holding `array` exactly as given (its dtype, its name)."""
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        """An initializer holding `array` exactly as given (its dtype, shape and name; 0-d stays 0-d)."""
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
     def const(self, values: object, prefix: str = "c", dtype: npt.DTypeLike | None = None) -> str:
@@ -81,6 +82,10 @@ class GraphBuilder:
         models list them and as IR >= 4 models make an initializer overridable."""
         return [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                 for t in self.initializers if names is None or t.name in names]
+
+    def subgraph(self, inputs: Sequence[onnx.ValueInfoProto], outputs: Sequence[onnx.ValueInfoProto]) -> onnx.GraphProto:
+        """The nodes and initializers appended so far as a body (If branch, Loop body) named after the scope."""
+        return helper.make_graph(self.nodes, self.scope, inputs, outputs, self.initializers)
 
     def model(self, outputs: Sequence[str | onnx.ValueInfoProto], ir_version: int = 8, check: bool = True, *,
               extra_inputs: Sequence[onnx.ValueInfoProto] = (), infer_shapes: bool = True,

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import test_branch_refusals
-from helpers import op_types, random_feeds, run
+from helpers import model_from_text, op_types, random_feeds, run
 from onnx import TensorProto, helper
 from test_map_reasons import test_weight_on_the_left_of_a_matmul_is_refused_as_such
 
@@ -352,3 +352,25 @@ REASON_TESTS = {
 def test_every_reachable_reason_has_a_refusal_test() -> None:
     # A new reason code needs a refusal test here (or a note on why no valid model produces it).
     assert set(REASON_TESTS) == set(Reason) - UNREACHABLE_FOR_BN
+
+
+# --- a fold whose result does not fit the dtype --------------------------------------------------
+
+
+def test_fold_that_would_overflow_float16_is_refused():
+    weight = np.full((2, 2, 1, 1), 0.01, np.float16)
+    weight[0, 0] = 40000.0  # times gamma 4 does not fit in float16
+    params = {n: np.array(v, np.float16) for n, v in
+              [("g", [4.0, 1.0]), ("b", [0.0, 0.0]), ("m", [0.0, 0.0]), ("v", [1.0, 1.0])]}
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float16[1, 2, 2, 2] x) => (float16[1, 2, 2, 2] y) {
+            c = Conv(x, W)
+            y = BatchNormalization <epsilon = 0.0> (c, g, b, m, v)
+        }""", {"W": weight, **params})
+    result = bnfold.fold(model, verify=False)
+    assert not result.report.folded
+    [skipped] = result.report.skipped
+    assert skipped.reason == Reason.INVALID_PARAMS and "overflow" in skipped.detail
+    feeds = {"x": np.full((1, 2, 2, 2), 1e-3, np.float16)}
+    np.testing.assert_array_equal(run(result.model, feeds)[0], run(model, feeds)[0])

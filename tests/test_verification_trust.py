@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import run
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
 import bnfold.render
@@ -265,3 +265,23 @@ def test_providers_may_be_one_string():
     names = [o.name for o in result.report.verification.outputs]
     assert any(name.endswith("@CPUExecutionProvider") for name in names)
     assert RunConfig(providers="CPUExecutionProvider").providers == ["CPUExecutionProvider"]
+
+
+def test_custom_domain_node_is_left_alone_and_verification_says_it_could_not_run():
+    g = GraphBuilder()
+    x = g.input("x", [1, 3, 8, 8])
+    y = g.bn(g.conv(x, 3, 4, pads=[1, 1, 1, 1]), 4)
+    g.nodes.append(helper.make_node("Mystery", [y], ["z"], domain="com.example", name="mystery"))
+    graph = helper.make_graph(g.nodes, "custom", g.inputs, [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    result = bnfold.fold(model, raise_on_failure=False)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Mystery"]
+    assert result.model.graph.node[1].domain == "com.example"
+    verification = result.report.verification
+    assert verification.runtime_status.startswith("not run:")
+    assert "Mystery" in verification.runtime_status
+    assert not verification.passed and not result.report.passed
+    # Without verification the fold itself is fine, and says nothing was verified.
+    unverified = bnfold.fold(model, verify=False)
+    assert unverified.report.verification is None and unverified.report.passed
