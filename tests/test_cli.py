@@ -53,8 +53,6 @@ def copy_sample(tmp_path: Path, name: str) -> Path:
     return target
 
 
-
-
 def run_module(args: list, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bnfold", *map(str, args)], check=False, capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=120)
@@ -82,33 +80,6 @@ def symbolic_input_shape(path: Path, batch: int = 3) -> str:
     dims = [d.dim_value if d.HasField("dim_value") else batch for d in value.type.tensor_type.shape.dim]
     assert not value.type.tensor_type.shape.dim[0].HasField("dim_value"), "sample batch dim should be symbolic"
     return f"{value.name}:{','.join(map(str, dims))}"
-
-
-@pytest.fixture
-def drop_epsilon(monkeypatch):
-    """Break the fold: bn_affine ignores epsilon (eps=0).
-
-    Patches `bnfold.fold_math.bn_affine` and every bnfold module that imported it by name (a
-    `from bnfold.fold_math import bn_affine` keeps its own reference, which a patch of the
-    fold_math attribute alone would not reach). The verifier must not depend on it.
-    """
-    from bnfold import fold_math
-
-    sample = str(SAMPLES_DIR / "mlp_bn1d.onnx")
-    good = bnfold.fold(sample, verify=False).model.SerializeToString()
-    original = fold_math.bn_affine
-
-    def bn_affine_without_eps(gamma, beta, mean, var, eps=0.0):
-        return original(gamma, beta, mean, var, 0.0)
-
-    monkeypatch.setattr(fold_math, "bn_affine", bn_affine_without_eps)
-    for name, module in list(sys.modules.items()):
-        if name.startswith("bnfold.") and getattr(module, "bn_affine", None) is original:
-            monkeypatch.setattr(module, "bn_affine", bn_affine_without_eps)
-    # Sanity: the broken fold must produce different weights, or the test proves nothing.
-    broken = bnfold.fold(sample, verify=False).model.SerializeToString()
-    assert broken != good, "the eps=0 patch did not change the fold"
-    return bn_affine_without_eps
 
 
 # --- every sample ---------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import onnxruntime as ort
 import pytest
 from click.testing import Result
 from helpers import invoke
-from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
 
 from benchmarks.graph_builder import GraphBuilder
 
@@ -33,8 +32,6 @@ def copy_sample(tmp_path: Path, name: str = "resnet_tiny.onnx") -> Path:
     target = tmp_path / name
     shutil.copyfile(SAMPLES_DIR / name, target)
     return target
-
-
 
 
 def files_in(folder: Path) -> dict[str, bytes]:
