@@ -20,8 +20,6 @@ from cli_helpers import (
 )
 from helpers import invoke
 
-# --- many models ----------------------------------------------------------------------------------
-
 
 def test_files_and_folder_into_output_folder(tmp_path):
     a = copy_sample(tmp_path, "resnet_tiny.onnx")

@@ -21,9 +21,6 @@ LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
                "size 81631\n")
 
 
-# --- Git LFS pointers -----------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("command", [[], ["fold"], ["check"], ["check", "--verify"]])
 def test_lfs_pointer_is_reported(tmp_path, command):
     pointer = tmp_path / "model.onnx"

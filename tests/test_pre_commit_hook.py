@@ -16,8 +16,6 @@ from cli_helpers import (
     tree,
 )
 
-# --- pre-commit hook ------------------------------------------------------------------------------
-
 
 def parse_hooks(text: str) -> list[dict[str, str]]:
     """The hook file: yaml if available, else a minimal parser for a flat list of `key: value` maps."""
