@@ -23,14 +23,19 @@ def copy_sample(folder: Path, name: str, as_name: str | None = None) -> Path:
     return target
 
 
-def run_module(args: list, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_module(args: list, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bnfold", *map(str, args)], check=False, capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+                          text=True, cwd=cwd, env=env, timeout=120)
 
 
 def tree(folder: Path) -> dict[str, bytes]:
     """Every file below `folder` (recursively), by relative path, with its content."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    """The files directly in `folder` (not below), by name, with their content."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def assert_one_error_line(stderr: str) -> None:
