@@ -13,7 +13,7 @@ import pytest
 import test_branch_refusals
 from helpers import model_from_text, op_types, random_feeds, run
 from onnx import TensorProto, helper
-from test_map_reasons import test_weight_on_the_left_of_a_matmul_is_refused_as_such
+from test_affine_map_reasons import test_weight_on_the_left_of_a_matmul_is_refused_as_such
 
 import bnfold
 from benchmarks.graph_builder import GraphBuilder
@@ -24,7 +24,7 @@ Feeds = dict[str, np.ndarray]
 
 # Reasons no valid model can produce for a BatchNormalization: ONNX types BN's data and parameters
 # as floating point only, and onnxruntime rejects BN parameters whose length is not the channel count.
-# no_gain: a BN always scales, so folding it removes a node (tested for Add/Sub in test_map_reasons).
+# no_gain: a BN always scales, so folding it removes a node (tested for Add/Sub in test_affine_map_reasons).
 UNREACHABLE_FOR_BN = {Reason.UNSUPPORTED_DTYPE, Reason.CHANNEL_COUNT_MISMATCH, Reason.NO_GAIN}
 
 
