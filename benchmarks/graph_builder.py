@@ -11,6 +11,7 @@ Names are generated (`prefix` + a counter) unless given: the benchmarks name eve
 layer (`conv3.w`, `bn3.scale`), because their models were measured with exactly those names. The
 layer methods draw their numbers from `rng` in a fixed order, so one seed gives one model; the
 benchmarks keep their own weight statistics (coverage.py, models.py) and use only the plumbing.
+A builder for an If/Loop body gets a `scope`, which prefixes every generated name, and `subgraph()`.
 """
 
 from __future__ import annotations
