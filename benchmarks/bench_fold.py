@@ -7,11 +7,10 @@ from pathlib import Path
 
 import onnx
 
-import children as ch
-from measure import Summary, Workdir, measure, measure_interleaved, py, run_child
-from models import ModelInfo
-from report import (Table, fmt_bytes, fmt_ratio, fmt_s, mark, ratio, rss_cell,
-                    time_cell)
+from benchmarks import children as ch
+from benchmarks.measure import Summary, Workdir, measure, measure_interleaved, py, run_child
+from benchmarks.models import ModelInfo
+from benchmarks.report import Table, fmt_bytes, fmt_ratio, fmt_s, mark, ratio, rss_cell, time_cell
 
 TIME_TARGET, RSS_TARGET, EXT_RSS_TARGET = 1.2, 1.1, 1.5
 VERIFY_TARGET, PAIRS_10K_TARGET_S, LINEARITY_TARGET = 1.2, 2.0, 1.5

@@ -1,6 +1,6 @@
 """Verification cost of running onnxruntime in a child process, side by side with in-process runs.
 
-    python benchmarks/bench_isolation.py [--repeat N]   (writes benchmarks/ISOLATION_RESULTS.md)
+    python -m benchmarks.bench_isolation [--repeat N]   (writes benchmarks/ISOLATION_RESULTS.md)
 
 For each model: fold without verification, then time `bnfold.verify.verify` of the written
 folded file against the original, alternating isolated (child process) and in-process runs;
@@ -15,9 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a script, not with -m: make the checkout's `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import ensure_model  # noqa: E402
+from benchmarks.models import ensure_model  # noqa: E402
 
 import bnfold  # noqa: E402
 from bnfold.run_config import RunConfig  # noqa: E402

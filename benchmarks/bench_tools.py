@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-import children as ch
-from bench_fold import Ctx, floor_and_fold, folded_model, op_counts
-from measure import Run, Summary, py, run_child, summarize
-from report import Table, fmt_ratio, fmt_s, ratio, rss_cell, sig, time_cell
+from benchmarks import children as ch
+from benchmarks.bench_fold import Ctx, floor_and_fold, folded_model, op_counts
+from benchmarks.measure import Run, Summary, py, run_child, summarize
+from benchmarks.report import Table, fmt_ratio, fmt_s, ratio, rss_cell, sig, time_cell
 
 NOISE = 0.05  # latency changes inside ±5% are reported as "no difference"
 

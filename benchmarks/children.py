@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from measure import ArgvFactory, py
+from benchmarks.measure import ArgvFactory, py
 
 # Interpreter start-up alone: subtracted where we want the cost of the work
 # inside a process rather than of launching one.

@@ -1,6 +1,6 @@
 """Fold coverage: which BatchNormalization nodes does each tool remove, and is its output still right?
 
-    /work/benchvenv/bin/python benchmarks/coverage.py      # writes benchmarks/COVERAGE_RESULTS.md
+    /work/benchvenv/bin/python -m benchmarks.coverage      # writes benchmarks/COVERAGE_RESULTS.md
 
 Small models (channels <= 16, spatial <= 16) of families seen in real converted exports are built with
 onnx.helper + numpy from fixed seeds. Each one goes through bnfold (`python -m bnfold MODEL -o OUT
@@ -15,6 +15,7 @@ Nothing here depends on wall time: the same installed packages give the same fil
 """
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -28,13 +29,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import children as ch  # noqa: E402  (tool invocation code shared with run.py --compare)
-from measure import child_env, py, run_child  # noqa: E402
+if not __package__:  # run as a script, not with -m: make the checkout's `benchmarks` package importable
+    sys.path.insert(0, str(HERE.parent))
+from benchmarks import children as ch  # noqa: E402  (tool invocation code shared with run.py --compare)
+from benchmarks.graph_builder import GraphBuilder  # noqa: E402
+from benchmarks.measure import child_env, py, run_child  # noqa: E402
 
 TIMEOUT_S = 120.0
 SEED = 0
@@ -103,54 +107,47 @@ print(json.dumps(res))
 # Models
 # ---------------------------------------------------------------------------------------------
 
-class B:
-    """Nodes/initializers of one model under construction, with its own seeded RNG."""
+# The coverage models' own layer recipes on the shared builder: tensors named after their layer
+# (`b0.conv.w`, `b0.bn.scale`), nodes after their output. These statistics (BN scales of either sign)
+# are the ones COVERAGE_RESULTS.md was measured with.
 
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[TensorProto] = []
 
-    def init(self, name: str, arr: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-        return name
+def weight(g: GraphBuilder, shape: tuple[int, ...], fan_in: int, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
+    return g.weights(*shape, scale=1.0 / np.sqrt(fan_in)).astype(dtype)
 
-    def weight(self, shape: tuple[int, ...], fan_in: int, dtype=np.float32) -> np.ndarray:
-        return (self.rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape)).astype(dtype)
 
-    def bn_arrays(self, c: int, dtype=np.float32) -> list[np.ndarray]:
-        r = self.rng
-        gamma = r.uniform(0.5, 1.5, c) * r.choice([-1.0, 1.0], c)
-        return [a.astype(dtype) for a in (gamma, r.uniform(-0.5, 0.5, c), r.uniform(-0.5, 0.5, c),
-                                          r.uniform(0.5, 2.0, c))]
+def bn_statistics(rng: np.random.Generator, c: int, dtype: npt.DTypeLike = np.float32) -> list[np.ndarray]:
+    """Scale (either sign), bias, mean, variance of a BN over `c` channels."""
+    gamma = rng.uniform(0.5, 1.5, c) * rng.choice([-1.0, 1.0], c)
+    return [a.astype(dtype) for a in (gamma, rng.uniform(-0.5, 0.5, c), rng.uniform(-0.5, 0.5, c),
+                                      rng.uniform(0.5, 2.0, c))]
 
-    def node(self, op: str, inputs: list[str], out: str, **attrs) -> str:
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
 
-    def bn(self, x: str, c: int, tag: str, dtype=np.float32, eps: float = 1e-5) -> str:
-        names = [self.init(f"{tag}.{p}", a)
-                 for p, a in zip(("scale", "bias", "mean", "var"), self.bn_arrays(c, dtype))]
-        return self.node("BatchNormalization", [x, *names], tag, epsilon=eps)
+def bn(g: GraphBuilder, x: str, c: int, tag: str, dtype: npt.DTypeLike = np.float32, eps: float = 1e-5) -> str:
+    names = [g.initializer(f"{tag}.{p}", a)
+             for p, a in zip(("scale", "bias", "mean", "var"), bn_statistics(g.rng, c, dtype))]
+    return g.node("BatchNormalization", [x, *names], output=tag, epsilon=eps)
 
-    def conv(self, x: str, cin: int, cout: int, tag: str, k: int = 3, pad: int = 1,
-             dtype=np.float32, bias: bool = True) -> str:
-        w = self.init(f"{tag}.w", self.weight((cout, cin, k, k), cin * k * k, dtype))
-        ins = [x, w]
-        if bias:
-            ins.append(self.init(f"{tag}.b", (0.1 * self.rng.standard_normal(cout)).astype(dtype)))
-        return self.node("Conv", ins, tag, kernel_shape=[k, k], pads=[pad] * 4)
 
-    def model(self, inputs, outputs, opset: int, ir: int = 8, graph_inits_as_inputs: bool = False,
-              name: str = "g") -> onnx.ModelProto:
-        inputs = list(inputs)
-        if graph_inits_as_inputs:
-            inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.inits]
-        g = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir,
-                              producer_name="bnfold-coverage")
-        onnx.checker.check_model(m, full_check=True)
-        return m
+def conv(g: GraphBuilder, x: str, cin: int, cout: int, tag: str, k: int = 3, pad: int = 1,
+         dtype: npt.DTypeLike = np.float32, bias: bool = True) -> str:
+    w = g.initializer(f"{tag}.w", weight(g, (cout, cin, k, k), cin * k * k, dtype))
+    ins = [x, w]
+    if bias:
+        ins.append(g.initializer(f"{tag}.b", (0.1 * g.rng.standard_normal(cout)).astype(dtype)))
+    return g.node("Conv", ins, output=tag, kernel_shape=[k, k], pads=[pad] * 4)
+
+
+def builder(seed: int, opset: int = 13) -> GraphBuilder:
+    return GraphBuilder(np.random.default_rng(seed), opset=opset)
+
+
+def finish(g: GraphBuilder, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], ir: int = 8,
+           initializers_as_inputs: bool = False) -> onnx.ModelProto:
+    """The model of `g` with these graph inputs and outputs (declared, no shape inference), fully checked."""
+    g.inputs += inputs
+    return g.model(outputs, ir_version=ir, extra_inputs=g.initializer_inputs() if initializers_as_inputs else (),
+                   infer_shapes=False, graph_name="g", producer_name="bnfold-coverage")
 
 
 def vi(name: str, shape, dtype=TensorProto.FLOAT):
@@ -159,236 +156,233 @@ def vi(name: str, shape, dtype=TensorProto.FLOAT):
 
 def caffe2_affine(channel_shape: str) -> onnx.ModelProto:
     """Conv → BN → Mul(const) → Add(const) → Relu, 3 blocks (Caffe2 AffineChannel exports), opset 9."""
-    b = B(seed=1)
+    b = builder(1, opset=9)
     x, cin = "x", 3
     for i, c in enumerate((8, 12, 16)):
-        y = b.bn(b.conv(x, cin, c, f"b{i}.conv"), c, f"b{i}.bn")
+        y = bn(b, conv(b, x, cin, c, f"b{i}.conv"), c, f"b{i}.bn")
         shape = (1, c, 1, 1) if channel_shape == "1C11" else (c, 1, 1)
-        mul = b.init(f"b{i}.mul.c", b.rng.uniform(0.5, 1.5, shape).astype(np.float32))
-        add = b.init(f"b{i}.add.c", b.rng.uniform(-0.5, 0.5, shape).astype(np.float32))
-        y = b.node("Mul", [y, mul], f"b{i}.mul")
-        y = b.node("Add", [y, add], f"b{i}.add")
-        x, cin = b.node("Relu", [y], f"b{i}.relu" if i < 2 else "y"), c
-    return b.model([vi("x", [1, 3, 16, 16])], [vi("y", [1, 16, 16, 16])], opset=9, ir=4)
+        mul = b.initializer(f"b{i}.mul.c", b.rng.uniform(0.5, 1.5, shape).astype(np.float32))
+        add = b.initializer(f"b{i}.add.c", b.rng.uniform(-0.5, 0.5, shape).astype(np.float32))
+        y = b.node("Mul", [y, mul], output=f"b{i}.mul")
+        y = b.node("Add", [y, add], output=f"b{i}.add")
+        x, cin = b.node("Relu", [y], output=f"b{i}.relu" if i < 2 else "y"), c
+    return finish(b, [vi("x", [1, 3, 16, 16])], [vi("y", [1, 16, 16, 16])], ir=4)
 
 
 def trap_mul_c_on_w() -> onnx.ModelProto:
     """Conv → Mul by a [C] constant on NCHW with C == W: broadcasts over W, not channels."""
-    b = B(seed=2)
-    y = b.conv("x", 3, 8, "conv")
-    m = b.init("mul.c", b.rng.uniform(0.5, 1.5, 8).astype(np.float32))
-    y = b.node("Mul", [y, m], "mul")
-    b.node("Relu", [y], "y")
-    return b.model([vi("x", [1, 3, 6, 8])], [vi("y", [1, 8, 6, 8])], opset=13)
+    b = builder(2)
+    y = conv(b, "x", 3, 8, "conv")
+    m = b.initializer("mul.c", b.rng.uniform(0.5, 1.5, 8).astype(np.float32))
+    y = b.node("Mul", [y, m], output="mul")
+    b.node("Relu", [y], output="y")
+    return finish(b, [vi("x", [1, 3, 6, 8])], [vi("y", [1, 8, 6, 8])])
 
 
 def ir3_inits_as_inputs() -> onnx.ModelProto:
     """IR version 3, opset 7, every initializer also a graph input (old model-zoo style)."""
-    b = B(seed=3)
+    b = builder(3, opset=7)
     x, cin = "x", 3
     for i, c in enumerate((8, 16)):
-        y = b.bn(b.conv(x, cin, c, f"b{i}.conv"), c, f"b{i}.bn")
-        x, cin = b.node("Relu", [y], f"b{i}.relu" if i < 1 else "y"), c
-    return b.model([vi("x", [1, 3, 16, 16])], [vi("y", [1, 16, 16, 16])], opset=7, ir=3,
-                   graph_inits_as_inputs=True)
+        y = bn(b, conv(b, x, cin, c, f"b{i}.conv"), c, f"b{i}.bn")
+        x, cin = b.node("Relu", [y], output=f"b{i}.relu" if i < 1 else "y"), c
+    return finish(b, [vi("x", [1, 3, 16, 16])], [vi("y", [1, 16, 16, 16])], ir=3, initializers_as_inputs=True)
 
 
 def mlp_bn1d() -> onnx.ModelProto:
     """[N, F] → BN → Gemm(transB=1) → Relu → BN → MatMul(const) → Add(const)."""
-    b = B(seed=4)
-    y = b.bn("x", 16, "bn0")
-    w = b.init("fc1.w", b.weight((12, 16), 16))
-    bias = b.init("fc1.b", (0.1 * b.rng.standard_normal(12)).astype(np.float32))
-    y = b.node("Gemm", [y, w, bias], "fc1", transB=1)
-    y = b.node("Relu", [y], "relu")
-    y = b.bn(y, 12, "bn1")
-    w2 = b.init("fc2.w", b.weight((12, 8), 12))
-    b2 = b.init("fc2.b", (0.1 * b.rng.standard_normal(8)).astype(np.float32))
-    y = b.node("MatMul", [y, w2], "fc2")
-    b.node("Add", [y, b2], "y")
-    return b.model([vi("x", [4, 16])], [vi("y", [4, 8])], opset=13)
+    b = builder(4)
+    y = bn(b, "x", 16, "bn0")
+    w = b.initializer("fc1.w", weight(b, (12, 16), 16))
+    bias = b.initializer("fc1.b", (0.1 * b.rng.standard_normal(12)).astype(np.float32))
+    y = b.node("Gemm", [y, w, bias], output="fc1", transB=1)
+    y = b.node("Relu", [y], output="relu")
+    y = bn(b, y, 12, "bn1")
+    w2 = b.initializer("fc2.w", weight(b, (12, 8), 12))
+    b2 = b.initializer("fc2.b", (0.1 * b.rng.standard_normal(8)).astype(np.float32))
+    y = b.node("MatMul", [y, w2], output="fc2")
+    b.node("Add", [y, b2], output="y")
+    return finish(b, [vi("x", [4, 16])], [vi("y", [4, 8])])
 
 
 def bn_on_input(pad: int) -> onnx.ModelProto:
     """Graph input → BN → 3x3 Conv (pads 0: forward-foldable; pads 1: not exact, must stay)."""
-    b = B(seed=5 + pad)
-    y = b.bn("x", 4, "bn")
-    y = b.conv(y, 4, 8, "conv", pad=pad)
-    b.node("Relu", [y], "y")
+    b = builder(5 + pad)
+    y = bn(b, "x", 4, "bn")
+    y = conv(b, y, 4, 8, "conv", pad=pad)
+    b.node("Relu", [y], output="y")
     s = 16 - 2 * (1 - pad)
-    return b.model([vi("x", [1, 4, 16, 16])], [vi("y", [1, 8, s, s])], opset=13)
+    return finish(b, [vi("x", [1, 4, 16, 16])], [vi("y", [1, 8, s, s])])
 
 
 def in_graph_constants() -> onnx.ModelProto:
     """Conv weight from a Constant node, BN parameters through Identity of initializers."""
-    b = B(seed=7)
-    w = b.weight((8, 3, 3, 3), 27)
+    b = builder(7)
+    w = weight(b, (8, 3, 3, 3), 27)
     b.nodes.append(helper.make_node("Constant", [], ["conv.w"], name="conv.w",
                                     value=numpy_helper.from_array(w, "conv.w")))
-    bias = b.init("conv.b", (0.1 * b.rng.standard_normal(8)).astype(np.float32))
-    y = b.node("Conv", ["x", "conv.w", bias], "conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    bias = b.initializer("conv.b", (0.1 * b.rng.standard_normal(8)).astype(np.float32))
+    y = b.node("Conv", ["x", "conv.w", bias], output="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     params = []
-    for p, a in zip(("scale", "bias", "mean", "var"), b.bn_arrays(8)):
-        params.append(b.node("Identity", [b.init(f"bn.{p}.init", a)], f"bn.{p}"))
-    y = b.node("BatchNormalization", [y, *params], "bn")
-    b.node("Relu", [y], "y")
-    return b.model([vi("x", [1, 3, 16, 16])], [vi("y", [1, 8, 16, 16])], opset=13)
+    for p, a in zip(("scale", "bias", "mean", "var"), bn_statistics(b.rng, 8)):
+        params.append(b.node("Identity", [b.initializer(f"bn.{p}.init", a)], output=f"bn.{p}"))
+    y = b.node("BatchNormalization", [y, *params], output="bn")
+    b.node("Relu", [y], output="y")
+    return finish(b, [vi("x", [1, 3, 16, 16])], [vi("y", [1, 8, 16, 16])])
 
 
 def gemm_alpha_beta() -> onnx.ModelProto:
     """Gemm(alpha=0.5, beta=2.0, transB=1) → BN → Relu."""
-    b = B(seed=8)
-    w = b.init("fc.w", b.weight((12, 16), 16))
-    c = b.init("fc.c", (0.1 * b.rng.standard_normal(12)).astype(np.float32))
-    y = b.node("Gemm", ["x", w, c], "fc", alpha=0.5, beta=2.0, transB=1)
-    y = b.bn(y, 12, "bn")
-    b.node("Relu", [y], "y")
-    return b.model([vi("x", [4, 16])], [vi("y", [4, 12])], opset=13)
+    b = builder(8)
+    w = b.initializer("fc.w", weight(b, (12, 16), 16))
+    c = b.initializer("fc.c", (0.1 * b.rng.standard_normal(12)).astype(np.float32))
+    y = b.node("Gemm", ["x", w, c], output="fc", alpha=0.5, beta=2.0, transB=1)
+    y = bn(b, y, 12, "bn")
+    b.node("Relu", [y], output="y")
+    return finish(b, [vi("x", [4, 16])], [vi("y", [4, 12])])
 
 
 def bn_in_if_branches() -> onnx.ModelProto:
     """If(cond): both branches Conv → BN. Then-branch weights are the branch's own initializers,
     else-branch weights are outer-graph initializers read from the branch (outer scope)."""
-    outer, then_b = B(seed=9), B(seed=10)
-    then_b.bn(then_b.conv("x", 4, 8, "then.conv"), 8, "then_out")
-    then_g = helper.make_graph(then_b.nodes, "then", [], [vi("then_out", [1, 8, 8, 8])], then_b.inits)
-    else_b = B(seed=11)
-    else_b.bn(else_b.conv("x", 4, 8, "else.conv"), 8, "else_out")
+    outer, then_b = builder(9), builder(10)
+    bn(then_b, conv(then_b, "x", 4, 8, "then.conv"), 8, "then_out")
+    then_g = helper.make_graph(then_b.nodes, "then", [], [vi("then_out", [1, 8, 8, 8])], then_b.initializers)
+    else_b = builder(11)
+    bn(else_b, conv(else_b, "x", 4, 8, "else.conv"), 8, "else_out")
     else_g = helper.make_graph(else_b.nodes, "else", [], [vi("else_out", [1, 8, 8, 8])])
-    outer.inits += else_b.inits
-    y = outer.node("If", ["cond"], "if", then_branch=then_g, else_branch=else_g)
-    outer.node("Relu", [y], "y")
-    return outer.model([vi("x", [1, 4, 8, 8]), vi("cond", [], TensorProto.BOOL)],
-                       [vi("y", [1, 8, 8, 8])], opset=13)
+    outer.initializers += else_b.initializers
+    y = outer.node("If", ["cond"], output="if", then_branch=then_g, else_branch=else_g)
+    outer.node("Relu", [y], output="y")
+    return finish(outer, [vi("x", [1, 4, 8, 8]), vi("cond", [], TensorProto.BOOL)], [vi("y", [1, 8, 8, 8])])
 
 
 def fp16_conv_fp32_bn() -> onnx.ModelProto:
     """float16 Conv → BatchNormalization-15 with float32 scale/B/mean/var → Relu, 2 blocks."""
-    b = B(seed=12)
+    b = builder(12, opset=15)
     x, cin = "x", 3
     for i, c in enumerate((8, 16)):
-        y = b.bn(b.conv(x, cin, c, f"b{i}.conv", dtype=np.float16), c, f"b{i}.bn", dtype=np.float32)
-        x, cin = b.node("Relu", [y], f"b{i}.relu" if i < 1 else "y"), c
-    return b.model([vi("x", [1, 3, 16, 16], TensorProto.FLOAT16)],
-                   [vi("y", [1, 16, 16, 16], TensorProto.FLOAT16)], opset=15)
+        y = bn(b, conv(b, x, cin, c, f"b{i}.conv", dtype=np.float16), c, f"b{i}.bn", dtype=np.float32)
+        x, cin = b.node("Relu", [y], output=f"b{i}.relu" if i < 1 else "y"), c
+    return finish(b, [vi("x", [1, 3, 16, 16], TensorProto.FLOAT16)], [vi("y", [1, 16, 16, 16], TensorProto.FLOAT16)])
 
 
 def linear_view_bn2d() -> onnx.ModelProto:
     """Gemm(transB=1) → Reshape to [N, C, 1, 1] → BatchNorm2d → Relu (Linear → view → BN2d)."""
-    b = B(seed=13)
-    w = b.init("fc.w", b.weight((12, 16), 16))
-    c = b.init("fc.b", (0.1 * b.rng.standard_normal(12)).astype(np.float32))
-    y = b.node("Gemm", ["x", w, c], "fc", transB=1)
-    y = b.node("Reshape", [y, b.init("view.shape", np.array([-1, 12, 1, 1], np.int64))], "view")
-    b.node("Relu", [b.bn(y, 12, "bn")], "y")
-    return b.model([vi("x", [4, 16])], [vi("y", [4, 12, 1, 1])], opset=13)
+    b = builder(13)
+    w = b.initializer("fc.w", weight(b, (12, 16), 16))
+    c = b.initializer("fc.b", (0.1 * b.rng.standard_normal(12)).astype(np.float32))
+    y = b.node("Gemm", ["x", w, c], output="fc", transB=1)
+    y = b.node("Reshape", [y, b.initializer("view.shape", np.array([-1, 12, 1, 1], np.int64))], output="view")
+    b.node("Relu", [bn(b, y, 12, "bn")], output="y")
+    return finish(b, [vi("x", [4, 16])], [vi("y", [4, 12, 1, 1])])
 
 
 def matmul_transpose_bn1d() -> onnx.ModelProto:
     """[B, T, K] MatMul [K, C] → Transpose(0, 2, 1) → BatchNorm1d over C → Relu (sequence models)."""
-    b = B(seed=14)
-    y = b.node("MatMul", ["x", b.init("proj.w", b.weight((16, 12), 16))], "proj")
-    y = b.node("Transpose", [y], "to_nct", perm=[0, 2, 1])
-    b.node("Relu", [b.bn(y, 12, "bn")], "y")
-    return b.model([vi("x", [2, 10, 16])], [vi("y", [2, 12, 10])], opset=13)
+    b = builder(14)
+    y = b.node("MatMul", ["x", b.initializer("proj.w", weight(b, (16, 12), 16))], output="proj")
+    y = b.node("Transpose", [y], output="to_nct", perm=[0, 2, 1])
+    b.node("Relu", [bn(b, y, 12, "bn")], output="y")
+    return finish(b, [vi("x", [2, 10, 16])], [vi("y", [2, 12, 10])])
 
 
 def tf_nhwc_affine() -> onnx.ModelProto:
     """TF export: Conv → Transpose to NHWC → Mul by [C] → Add [C] (channels last) → Transpose back."""
-    b = B(seed=15)
-    y = b.node("Transpose", [b.conv("x", 3, 8, "conv")], "to_nhwc", perm=[0, 2, 3, 1])
-    y = b.node("Mul", [y, b.init("bn.mul", b.rng.uniform(0.5, 1.5, 8).astype(np.float32))], "bn_mul")
-    y = b.node("Add", [y, b.init("bn.add", b.rng.uniform(-0.5, 0.5, 8).astype(np.float32))], "bn_add")
-    y = b.node("Transpose", [y], "to_nchw", perm=[0, 3, 1, 2])
-    b.node("Relu", [y], "y")
-    return b.model([vi("x", [1, 3, 8, 8])], [vi("y", [1, 8, 8, 8])], opset=13)
+    b = builder(15)
+    y = b.node("Transpose", [conv(b, "x", 3, 8, "conv")], output="to_nhwc", perm=[0, 2, 3, 1])
+    y = b.node("Mul", [y, b.initializer("bn.mul", b.rng.uniform(0.5, 1.5, 8).astype(np.float32))], output="bn_mul")
+    y = b.node("Add", [y, b.initializer("bn.add", b.rng.uniform(-0.5, 0.5, 8).astype(np.float32))], output="bn_add")
+    y = b.node("Transpose", [y], output="to_nchw", perm=[0, 3, 1, 2])
+    b.node("Relu", [y], output="y")
+    return finish(b, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 8, 8, 8])])
 
 
 def arcface_head() -> onnx.ModelProto:
     """ArcFace-style head: residual Add → BatchNorm2d → Flatten → Gemm(transB=1) → BatchNorm1d."""
-    b = B(seed=17)
-    y = b.node("Add", ["x", "x"], "residual")
-    y = b.node("Flatten", [b.bn(y, 8, "bn2")], "flatten")
-    w = b.init("fc.w", b.weight((6, 8 * 3 * 3), 72))
-    c = b.init("fc.b", (0.1 * b.rng.standard_normal(6)).astype(np.float32))
-    y = b.node("Gemm", [y, w, c], "fc", transB=1)
-    b.bn(y, 6, "y")
-    return b.model([vi("x", [2, 8, 3, 3])], [vi("y", [2, 6])], opset=13)
+    b = builder(17)
+    y = b.node("Add", ["x", "x"], output="residual")
+    y = b.node("Flatten", [bn(b, y, 8, "bn2")], output="flatten")
+    w = b.initializer("fc.w", weight(b, (6, 8 * 3 * 3), 72))
+    c = b.initializer("fc.b", (0.1 * b.rng.standard_normal(6)).astype(np.float32))
+    y = b.node("Gemm", [y, w, c], output="fc", transB=1)
+    bn(b, y, 6, "y")
+    return finish(b, [vi("x", [2, 8, 3, 3])], [vi("y", [2, 6])])
 
 
 def trap_reshape_moves_channels() -> onnx.ModelProto:
     """MatMul [4, 6]·[6, 6] → Reshape [2, 6, 2] → BN over 6 channels: after the reshape, axis 1 does
     NOT index the MatMul's output features (element (n, c) lands on channel (6n + c) // 2 mod 6)."""
-    b = B(seed=16)
-    y = b.node("MatMul", ["x", b.init("fc.w", b.weight((6, 6), 6))], "fc")
-    y = b.node("Reshape", [y, b.init("shape", np.array([2, 6, 2], np.int64))], "reshape")
-    b.node("Relu", [b.bn(y, 6, "bn")], "y")
-    return b.model([vi("x", [4, 6])], [vi("y", [2, 6, 2])], opset=13)
+    b = builder(16)
+    y = b.node("MatMul", ["x", b.initializer("fc.w", weight(b, (6, 6), 6))], output="fc")
+    y = b.node("Reshape", [y, b.initializer("shape", np.array([2, 6, 2], np.int64))], output="reshape")
+    b.node("Relu", [bn(b, y, 6, "bn")], output="y")
+    return finish(b, [vi("x", [4, 6])], [vi("y", [2, 6, 2])])
 
 
 def repvgg_block() -> onnx.ModelProto:
     """RepVGG training form: Relu → (Conv3x3 → BN) + (Conv1x1 → BN) + BN(identity) → Relu, twice."""
-    b = B(seed=17)
-    x = b.node("Relu", ["x"], "stem")
+    b = builder(17)
+    x = b.node("Relu", ["x"], output="stem")
     for i in range(2):
-        a = b.bn(b.conv(x, 8, 8, f"b{i}.c3", bias=False), 8, f"b{i}.bn3")
-        c = b.bn(b.conv(x, 8, 8, f"b{i}.c1", k=1, pad=0, bias=False), 8, f"b{i}.bn1")
-        total = b.node("Add", [b.node("Add", [a, c], f"b{i}.add0"), b.bn(x, 8, f"b{i}.bnid")], f"b{i}.add1")
-        x = b.node("Relu", [total], f"b{i}.relu" if i == 0 else "y")
-    return b.model([vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])], opset=13)
+        a = bn(b, conv(b, x, 8, 8, f"b{i}.c3", bias=False), 8, f"b{i}.bn3")
+        c = bn(b, conv(b, x, 8, 8, f"b{i}.c1", k=1, pad=0, bias=False), 8, f"b{i}.bn1")
+        total = b.node("Add", [b.node("Add", [a, c], output=f"b{i}.add0"), bn(b, x, 8, f"b{i}.bnid")], output=f"b{i}.add1")
+        x = b.node("Relu", [total], output=f"b{i}.relu" if i == 0 else "y")
+    return finish(b, [vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])])
 
 
 def mobileone_block() -> onnx.ModelProto:
     """MobileOne depthwise block: 2 × (DWConv3x3 → BN) + (DWConv1x1 → BN) (scale branch) + BN(identity)."""
-    b = B(seed=18)
-    x = b.node("Relu", ["x"], "stem")
+    b = builder(18)
+    x = b.node("Relu", ["x"], output="stem")
     branches = []
     for i, (k, pad) in enumerate([(3, 1), (3, 1), (1, 0)]):
-        w = b.init(f"dw{i}.w", b.weight((8, 1, k, k), k * k))
-        conv = b.node("Conv", [x, w], f"dw{i}", group=8, kernel_shape=[k, k], pads=[pad] * 4)
-        branches.append(b.bn(conv, 8, f"dw{i}.bn"))
-    branches.append(b.bn(x, 8, "id.bn"))
-    b.node("Relu", [b.node("Sum", branches, "sum")], "y")
-    return b.model([vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])], opset=13)
+        w = b.initializer(f"dw{i}.w", weight(b, (8, 1, k, k), k * k))
+        depthwise = b.node("Conv", [x, w], output=f"dw{i}", group=8, kernel_shape=[k, k], pads=[pad] * 4)
+        branches.append(bn(b, depthwise, 8, f"dw{i}.bn"))
+    branches.append(bn(b, x, 8, "id.bn"))
+    b.node("Relu", [b.node("Sum", branches, output="sum")], output="y")
+    return finish(b, [vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])])
 
 
 def concat_bn() -> onnx.ModelProto:
     """CSP-style: Concat(Conv_a(x), Conv_b(Relu(x)), axis=1) → BN → Relu."""
-    b = B(seed=19)
-    a = b.conv("x", 8, 6, "a")
-    c = b.conv(b.node("Relu", ["x"], "r"), 8, 4, "b", k=1, pad=0)
-    b.node("Relu", [b.bn(b.node("Concat", [a, c], "cat", axis=1), 10, "bn")], "y")
-    return b.model([vi("x", [1, 8, 8, 8])], [vi("y", [1, 10, 8, 8])], opset=13)
+    b = builder(19)
+    a = conv(b, "x", 8, 6, "a")
+    c = conv(b, b.node("Relu", ["x"], output="r"), 8, 4, "b", k=1, pad=0)
+    b.node("Relu", [bn(b, b.node("Concat", [a, c], output="cat", axis=1), 10, "bn")], output="y")
+    return finish(b, [vi("x", [1, 8, 8, 8])], [vi("y", [1, 10, 8, 8])])
 
 
 def add_bn() -> onnx.ModelProto:
     """Add(Conv_a(x), Conv_b(Relu(x))) → BN → Relu (pre-activation style)."""
-    b = B(seed=20)
-    a = b.conv("x", 8, 8, "a")
-    c = b.conv(b.node("Relu", ["x"], "r"), 8, 8, "b", k=1, pad=0)
-    b.node("Relu", [b.bn(b.node("Add", [a, c], "add"), 8, "bn")], "y")
-    return b.model([vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])], opset=13)
+    b = builder(20)
+    a = conv(b, "x", 8, 8, "a")
+    c = conv(b, b.node("Relu", ["x"], output="r"), 8, 8, "b", k=1, pad=0)
+    b.node("Relu", [bn(b, b.node("Add", [a, c], output="add"), 8, "bn")], output="y")
+    return finish(b, [vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])])
 
 
 def levit_linear_norm() -> onnx.ModelProto:
     """timm LeViT LinearNorm (legacy export): MatMul [B,T,K]·[K,C] → Flatten(0,1) → BN → Reshape back
     to Shape(MatMul output) (`reshape_as`): the Shape reads only the MatMul output's shape."""
-    b = B(seed=21)
-    y = b.node("MatMul", ["x", b.init("linear.w", b.weight((16, 12), 16))], "linear")
-    shape = b.node("Shape", [y], "shape")
-    z = b.bn(b.node("Flatten", [y], "flatten", axis=2), 12, "bn")
-    b.node("Relu", [b.node("Reshape", [z, shape], "reshape_as")], "y")
-    return b.model([vi("x", [2, 10, 16])], [vi("y", [2, 10, 12])], opset=13)
+    b = builder(21)
+    y = b.node("MatMul", ["x", b.initializer("linear.w", weight(b, (16, 12), 16))], output="linear")
+    shape = b.node("Shape", [y], output="shape")
+    z = bn(b, b.node("Flatten", [y], output="flatten", axis=2), 12, "bn")
+    b.node("Relu", [b.node("Reshape", [z, shape], output="reshape_as")], output="y")
+    return finish(b, [vi("x", [2, 10, 16])], [vi("y", [2, 10, 12])])
 
 
 def matmul_bias(full: bool) -> onnx.ModelProto:
     """2-D MatMul(x, W) + bias ([N], or a full [M, N]) → BN → Relu."""
-    b = B(seed=22 + full)
-    y = b.node("MatMul", ["x", b.init("fc.w", b.weight((16, 12), 16))], "fc")
+    b = builder(22 + full)
+    y = b.node("MatMul", ["x", b.initializer("fc.w", weight(b, (16, 12), 16))], output="fc")
     bias = (0.1 * b.rng.standard_normal((4, 12) if full else 12)).astype(np.float32)
-    y = b.node("Add", [y, b.init("fc.b", bias)], "fc_bias")
-    b.node("Relu", [b.bn(y, 12, "bn")], "y")
-    return b.model([vi("x", [4, 16])], [vi("y", [4, 12])], opset=13)
+    y = b.node("Add", [y, b.initializer("fc.b", bias)], output="fc_bias")
+    b.node("Relu", [bn(b, y, 12, "bn")], output="y")
+    return finish(b, [vi("x", [4, 16])], [vi("y", [4, 12])])
 
 
 @dataclass
@@ -888,12 +882,18 @@ def _installed(dist: str) -> bool:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", metavar="KEY", help="model keys (1a, 2, ...; default: all)")
+    parser.add_argument("--output", type=Path, default=HERE / "COVERAGE_RESULTS.md", help="results markdown file")
+    args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="bnfold-coverage-") as tmp:
         for spec in SPECS:
+            if args.only and spec.key not in args.only:
+                continue
             print(f"model {spec.key}: {spec.title}", file=sys.stderr, flush=True)
             results.append((spec, evaluate(spec, Path(tmp))))
-    text = write_report(results, HERE / "COVERAGE_RESULTS.md")
+    text = write_report(results, args.output)
     print(text)
 
 

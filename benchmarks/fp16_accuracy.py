@@ -1,6 +1,6 @@
 """fp16 accuracy: how far each tool's folded float16 ResNet is from the original float16 model.
 
-    python benchmarks/fp16_accuracy.py        # writes benchmarks/FP16_RESULTS.md
+    python -m benchmarks.fp16_accuracy        # writes benchmarks/FP16_RESULTS.md
 
 The model is `resnet_small` from models.py with every weight and activation in float16. Each tool
 folds it in its own process; original and folded models then run in onnxruntime (CPU, graph
@@ -10,6 +10,7 @@ optimizations OFF) on the same 5 seeded uniform(-1, 1) inputs. The error is max 
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -21,8 +22,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).parent))
-from models import build_resnet_small  # noqa: E402
+if not __package__:  # run as a script, not with -m: make the checkout's `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.models import build_resnet_small  # noqa: E402
 
 HERE = Path(__file__).parent
 TOOLS = {
@@ -61,6 +63,9 @@ def run(path: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=HERE / "FP16_RESULTS.md", help="results markdown file")
+    args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         source = str(Path(folder) / "resnet_small_fp16.onnx")
@@ -102,7 +107,7 @@ def main() -> None:
         "onnxoptimizer's `fuse_bn_into_conv` alone does not fold: it replaces each BN by nodes that compute",
         "the folded weights at run time (hence more nodes and, in fp16, no folding error at all).",
     ]
-    (HERE / "FP16_RESULTS.md").write_text("\n".join(lines) + "\n")
+    args.output.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -5,12 +5,13 @@ on any machine produce byte-identical files and nothing is downloaded.
 Models are written to a scratch directory (default /tmp/bnfold-bench), never
 inside the repository, because the large ones are hundreds of MB to >2 GB.
 
-    python benchmarks/models.py [--dir DIR] [--only NAME ...] [--huge]
+    python -m benchmarks.models [--dir DIR] [--only NAME ...] [--huge]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,10 @@ from typing import Callable
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+if not __package__:  # run as a script, not with -m: make the checkout's `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.graph_builder import GraphBuilder  # noqa: E402
 
 DEFAULT_DIR = Path("/tmp/bnfold-bench")
 OPSET = 17
@@ -42,65 +47,51 @@ class ModelInfo:
     version: int = GENERATOR_VERSION
 
 
-class GraphBuilder:
-    """Accumulates nodes/initializers with unique names; keeps generators short."""
+# The benchmark models' own layer recipes on the shared builder: tensors are named after their
+# layer (`conv3.w`, `bn3.scale`), nodes after the layer (`conv3`) with output `conv3.y`.
 
-    def __init__(self, seed: int = 0) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[TensorProto] = []
-        self.weight_bytes = 0
 
-    def add_init(self, name: str, arr: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(arr, name))
-        self.weight_bytes += arr.nbytes
-        return name
+def conv_weight(rng: np.random.Generator, cout: int, cin: int, k: int) -> np.ndarray:
+    # He-scaled so activations neither explode nor vanish over 128 layers
+    # (an unscaled N(0,1) net overflows fp32 and makes verification moot).
+    w = rng.standard_normal((cout, cin, k, k), dtype=np.float32)
+    w *= np.float32(np.sqrt(2.0 / (cin * k * k)))
+    return w
 
-    def conv_weight(self, cout: int, cin: int, k: int) -> np.ndarray:
-        # He-scaled so activations neither explode nor vanish over 128 layers
-        # (an unscaled N(0,1) net overflows fp32 and makes verification moot).
-        w = self.rng.standard_normal((cout, cin, k, k), dtype=np.float32)
-        w *= np.float32(np.sqrt(2.0 / (cin * k * k)))
-        return w
 
-    def bn_params(self, c: int) -> list[np.ndarray]:
-        r = self.rng
-        return [r.uniform(0.5, 1.5, c).astype(np.float32),       # scale
-                (0.1 * r.standard_normal(c)).astype(np.float32),  # bias
-                (0.1 * r.standard_normal(c)).astype(np.float32),  # mean
-                r.uniform(0.5, 1.5, c).astype(np.float32)]        # var
+def bn_params(rng: np.random.Generator, c: int) -> list[np.ndarray]:
+    return [rng.uniform(0.5, 1.5, c).astype(np.float32),       # scale
+            (0.1 * rng.standard_normal(c)).astype(np.float32),  # bias
+            (0.1 * rng.standard_normal(c)).astype(np.float32),  # mean
+            rng.uniform(0.5, 1.5, c).astype(np.float32)]        # var
 
-    def conv(self, x: str, tag: str, w: np.ndarray | str, bias: np.ndarray | None = None,
-             stride: int = 1) -> str:
-        k = w.shape[-1] if isinstance(w, np.ndarray) else 3
-        inputs = [x, self.add_init(f"{tag}.w", w) if isinstance(w, np.ndarray) else w]
-        if bias is not None:
-            inputs.append(self.add_init(f"{tag}.b", bias))
-        self.nodes.append(helper.make_node(
-            "Conv", inputs, [f"{tag}.y"], name=tag, kernel_shape=[k, k],
-            pads=[k // 2] * 4, strides=[stride, stride]))
-        return f"{tag}.y"
 
-    def bn(self, x: str, tag: str, c: int, params: list[np.ndarray] | None = None) -> str:
-        params = params if params is not None else self.bn_params(c)
-        names = [self.add_init(f"{tag}.{p}", a)
-                 for p, a in zip(("scale", "bias", "mean", "var"), params)]
-        self.nodes.append(helper.make_node(
-            "BatchNormalization", [x, *names], [f"{tag}.y"], name=tag, epsilon=1e-5))
-        return f"{tag}.y"
+def op(g: GraphBuilder, op_type: str, inputs: list[str], tag: str, **attrs: object) -> str:
+    return g.node(op_type, inputs, output=f"{tag}.y", node_name=tag, **attrs)
 
-    def op(self, op_type: str, inputs: list[str], tag: str, **attrs: object) -> str:
-        self.nodes.append(helper.make_node(op_type, inputs, [f"{tag}.y"], name=tag, **attrs))
-        return f"{tag}.y"
 
-    def model(self, name: str, in_shape: list[int], out: str,
-              out_shape: list[int]) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self.nodes, name,
-            [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
-            [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], self.inits)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                 producer_name="bnfold-bench")
+def conv(g: GraphBuilder, x: str, tag: str, w: np.ndarray | str, bias: np.ndarray | None = None,
+         stride: int = 1) -> str:
+    """Conv with `same` padding; `w` is an array (stored as `tag.w`) or the name of a stored weight (3x3)."""
+    k = w.shape[-1] if isinstance(w, np.ndarray) else 3
+    inputs = [x, g.initializer(f"{tag}.w", w) if isinstance(w, np.ndarray) else w]
+    if bias is not None:
+        inputs.append(g.initializer(f"{tag}.b", bias))
+    return op(g, "Conv", inputs, tag, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride, stride])
+
+
+def bn(g: GraphBuilder, x: str, tag: str, c: int, params: list[np.ndarray] | None = None) -> str:
+    params = params if params is not None else bn_params(g.rng, c)
+    names = [g.initializer(f"{tag}.{p}", a) for p, a in zip(("scale", "bias", "mean", "var"), params)]
+    return op(g, "BatchNormalization", [x, *names], tag, epsilon=1e-5)
+
+
+def finish(g: GraphBuilder, name: str, in_shape: list[int], out: str, out_shape: list[int]) -> onnx.ModelProto:
+    """The model of `g`: one float input "input", one declared output, no checker run (the huge model's
+    weights are external and not loaded)."""
+    g.input("input", in_shape)
+    return g.model([helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], ir_version=onnx.IR_VERSION,
+                   check=False, infer_shapes=False, graph_name=name, producer_name="bnfold-bench")
 
 
 def conv_stack(blocks: int, c: int, with_bn: bool) -> tuple[GraphBuilder, str]:
@@ -115,23 +106,23 @@ def conv_stack(blocks: int, c: int, with_bn: bool) -> tuple[GraphBuilder, str]:
     x = "input"
     for i in range(blocks):
         bias = None if with_bn else np.zeros(c, np.float32) + np.float32(0.01)
-        x = g.conv(x, f"conv{i}", g.conv_weight(c, c, 3), bias)
+        x = conv(g, x, f"conv{i}", conv_weight(g.rng, c, c, 3), bias)
         if with_bn:
-            scale, beta, mean, _ = g.bn_params(c)
+            scale, beta, mean, _ = bn_params(g.rng, c)
             var = (scale * scale * g.rng.uniform(0.8, 1.25, c)).astype(np.float32)
-            x = g.bn(x, f"bn{i}", c, [scale, beta, mean, var])
-        x = g.op("Relu", [x], f"relu{i}")
+            x = bn(g, x, f"bn{i}", c, [scale, beta, mean, var])
+        x = op(g, "Relu", [x], f"relu{i}")
     return g, x
 
 
 def build_deep_cnn() -> onnx.ModelProto:
     g, out = conv_stack(DEEP_BLOCKS, DEEP_C, with_bn=True)
-    return g.model("deep_cnn", [1, DEEP_C, 8, 8], out, [1, DEEP_C, 8, 8])
+    return finish(g, "deep_cnn", [1, DEEP_C, 8, 8], out, [1, DEEP_C, 8, 8])
 
 
 def build_no_bn() -> onnx.ModelProto:
     g, out = conv_stack(NO_BN_BLOCKS, DEEP_C, with_bn=False)
-    return g.model("no_bn", [1, DEEP_C, 8, 8], out, [1, DEEP_C, 8, 8])
+    return finish(g, "no_bn", [1, DEEP_C, 8, 8], out, [1, DEEP_C, 8, 8])
 
 
 def build_pairs(n: int) -> onnx.ModelProto:
@@ -143,32 +134,32 @@ def build_pairs(n: int) -> onnx.ModelProto:
         # preserving to stay finite: orthogonal 1x1 kernels, and BN with
         # var = scale**2 so each BN only shifts (plus the tiny eps shrink).
         q, _ = np.linalg.qr(g.rng.standard_normal((4, 4)))
-        x = g.conv(x, f"conv{i}", q.astype(np.float32).reshape(4, 4, 1, 1))
-        scale, bias, mean, _ = g.bn_params(4)
-        x = g.bn(x, f"bn{i}", 4, [scale, bias, mean, scale * scale])
-    return g.model(f"pairs_{n}", [1, 4, 8, 8], x, [1, 4, 8, 8])
+        x = conv(g, x, f"conv{i}", q.astype(np.float32).reshape(4, 4, 1, 1))
+        scale, bias, mean, _ = bn_params(g.rng, 4)
+        x = bn(g, x, f"bn{i}", 4, [scale, bias, mean, scale * scale])
+    return finish(g, f"pairs_{n}", [1, 4, 8, 8], x, [1, 4, 8, 8])
 
 
 def build_resnet_small() -> onnx.ModelProto:
     """ResNet-18-like (basic blocks, 3 stages) at 64x64 input, ~2.8M params."""
     g = GraphBuilder()
-    x = g.op("Relu", [g.bn(g.conv("input", "stem", g.conv_weight(32, 3, 3)), "stem.bn", 32)], "stem.relu")
+    x = op(g, "Relu", [bn(g, conv(g, "input", "stem", conv_weight(g.rng, 32, 3, 3)), "stem.bn", 32)], "stem.relu")
     cin = 32
     for s, c in enumerate((32, 64, 128)):
         for b in range(2):
             t, stride = f"s{s}b{b}", (2 if s > 0 and b == 0 else 1)
-            y = g.bn(g.conv(x, f"{t}.c1", g.conv_weight(c, cin, 3), stride=stride), f"{t}.bn1", c)
-            y = g.op("Relu", [y], f"{t}.r1")
-            y = g.bn(g.conv(y, f"{t}.c2", g.conv_weight(c, c, 3)), f"{t}.bn2", c)
+            y = bn(g, conv(g, x, f"{t}.c1", conv_weight(g.rng, c, cin, 3), stride=stride), f"{t}.bn1", c)
+            y = op(g, "Relu", [y], f"{t}.r1")
+            y = bn(g, conv(g, y, f"{t}.c2", conv_weight(g.rng, c, c, 3)), f"{t}.bn2", c)
             skip = x
             if stride != 1 or cin != c:
-                skip = g.bn(g.conv(x, f"{t}.down", g.conv_weight(c, cin, 1), stride=stride), f"{t}.dbn", c)
-            x = g.op("Relu", [g.op("Add", [y, skip], f"{t}.add")], f"{t}.r2")
+                skip = bn(g, conv(g, x, f"{t}.down", conv_weight(g.rng, c, cin, 1), stride=stride), f"{t}.dbn", c)
+            x = op(g, "Relu", [op(g, "Add", [y, skip], f"{t}.add")], f"{t}.r2")
             cin = c
-    x = g.op("Flatten", [g.op("GlobalAveragePool", [x], "gap")], "flat")
-    fc_w = g.add_init("fc.w", (0.05 * g.rng.standard_normal((cin, 10))).astype(np.float32))
-    fc_b = g.add_init("fc.b", np.zeros(10, np.float32))
-    return g.model("resnet_small", [1, 3, 64, 64], g.op("Gemm", [x, fc_w, fc_b], "fc"), [1, 10])
+    x = op(g, "Flatten", [op(g, "GlobalAveragePool", [x], "gap")], "flat")
+    fc_w = g.initializer("fc.w", (0.05 * g.rng.standard_normal((cin, 10))).astype(np.float32))
+    fc_b = g.initializer("fc.b", np.zeros(10, np.float32))
+    return finish(g, "resnet_small", [1, 3, 64, 64], op(g, "Gemm", [x, fc_w, fc_b], "fc"), [1, 10])
 
 
 def write_huge_external(path: Path) -> tuple[onnx.ModelProto, int]:
@@ -180,23 +171,25 @@ def write_huge_external(path: Path) -> tuple[onnx.ModelProto, int]:
     """
     data_name = path.name + ".data"
     g = GraphBuilder()
-    x = "input"
+    x, external_bytes = "input", 0
     with open(path.parent / data_name, "wb") as fh:
         for i in range(HUGE_BLOCKS):
-            w = g.conv_weight(HUGE_C, HUGE_C, 3)
+            w = conv_weight(g.rng, HUGE_C, HUGE_C, 3)
             t = TensorProto(name=f"conv{i}.w", data_type=TensorProto.FLOAT, dims=w.shape,
                             data_location=TensorProto.EXTERNAL)
             for k, v in (("location", data_name), ("offset", str(fh.tell())), ("length", str(w.nbytes))):
                 t.external_data.add(key=k, value=v)
             w.tofile(fh)
-            g.inits.append(t)
-            g.weight_bytes += w.nbytes
+            g.initializers.append(t)
+            external_bytes += w.nbytes
             del w
-            x = g.conv(x, f"conv{i}", f"conv{i}.w")  # weight given by name: already external
-            x = g.op("Relu", [g.bn(x, f"bn{i}", HUGE_C)], f"relu{i}")
-    model = g.model("huge_external", [1, HUGE_C, 4, 4], x, [1, HUGE_C, 4, 4])
+            x = conv(g, x, f"conv{i}", f"conv{i}.w")  # weight given by name: already external
+            x = op(g, "Relu", [bn(g, x, f"bn{i}", HUGE_C)], f"relu{i}")
+    model = finish(g, "huge_external", [1, HUGE_C, 4, 4], x, [1, HUGE_C, 4, 4])
     onnx.save_model(model, str(path))  # small tensors stay inline; the big ones already external
-    return model, g.weight_bytes  # add_init already counted the inline BN params
+    inline_bytes = sum(numpy_helper.to_array(t).nbytes for t in g.initializers
+                       if t.data_location != TensorProto.EXTERNAL)  # the BN parameters
+    return model, external_bytes + inline_bytes
 
 
 BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {

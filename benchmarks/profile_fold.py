@@ -1,6 +1,6 @@
 """Where does bnfold's time / memory go? cProfile or tracemalloc around one fold.
 
-    python benchmarks/profile_fold.py MODEL [--verify] [--mem | --rss] [--top N]
+    python -m benchmarks.profile_fold MODEL [--verify] [--mem | --rss] [--top N]
 
 Runs `bnfold.fold(MODEL, verify=...).save(OUT)` in this process (OUT in a temp
 dir) and prints the top functions by cumulative time (cProfile), or, with

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from measure import Summary, child_env
+from benchmarks.measure import Summary, child_env
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """bnfold benchmark suite: one command that generates models, measures, writes RESULTS.md.
 
-    python benchmarks/run.py [--quick] [--runs K] [--skip-huge] [--compare]
+    python -m benchmarks.run [--quick] [--runs K] [--skip-huge] [--compare]   (or python benchmarks/run.py ...)
 
 --quick: 1 run, small models only (a smoke test of the harness: ~1 min, ~2 min with
 --compare because onnxoptimizer is slow on the 1000-pair chain).
@@ -20,11 +20,11 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-import bench_fold
-import bench_tools
-import models
-from measure import Workdir
-from report import Table, fmt_bytes, loadavg, machine_section, write_results
+if not __package__:  # run as a script, not with -m: make the checkout's `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import bench_fold, bench_tools, models  # noqa: E402
+from benchmarks.measure import Workdir  # noqa: E402
+from benchmarks.report import Table, fmt_bytes, loadavg, machine_section, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

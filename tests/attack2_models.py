@@ -1,4 +1,5 @@
-"""Crafted models shared by the tests/test_attack2_*.py files (adversarial review, round 2)."""
+"""Crafted models of the second adversarial review: external data without a length, a graph given to a
+function call, training info."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from helpers import conv_bn_model
 from onnx import TensorProto, helper, numpy_helper
 
-from attack_models import bn_initializers, conv_bn_model
+
+def bn_initializers(rng: np.random.Generator, channels: int, names=("g", "b", "m", "v")) -> list[onnx.TensorProto]:
+    """Scale, bias, mean and variance (positive) of a BatchNormalization over `channels`."""
+    values = (rng.uniform(0.5, 2, channels), rng.normal(size=channels), rng.normal(size=channels),
+              rng.uniform(0.5, 2, channels))
+    return [numpy_helper.from_array(v.astype(np.float32), name) for name, v in zip(names, values)]
+
 
 C = 4
 

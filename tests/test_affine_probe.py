@@ -227,9 +227,10 @@ def test_an_analytic_check_that_cannot_run_fails_its_tensors_with_the_reason(mon
     it should have checked fails with the reason, and the CLI exits 1 without writing."""
     import importlib
 
-    from builders import GraphBuilder, invoke
+    from helpers import invoke
 
     import bnfold
+    from benchmarks.graph_builder import GraphBuilder
 
     verify_module = importlib.import_module("bnfold.verify")
 
@@ -255,9 +256,8 @@ def test_folds_in_several_threads_share_the_evaluator_cache_safely() -> None:
     """A pipeline may fold models in threads: the probe cache is shared and locked."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from builders import GraphBuilder
-
     import bnfold
+    from benchmarks.graph_builder import GraphBuilder
 
     def build(seed: int) -> onnx.ModelProto:
         g = GraphBuilder(rng=np.random.default_rng(seed))

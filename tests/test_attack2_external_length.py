@@ -28,9 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import pytest
-
 from attack2_models import conv_bn_plus_constant, external_tensor
+
 from bnfold.errors import BadInputError
 from bnfold.model_io import load_model
 

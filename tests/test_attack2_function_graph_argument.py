@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-import pytest
+from attack2_models import C, function_with_graph_argument
 
 import bnfold
-from attack2_models import C, function_with_graph_argument
 
 
 def _run(model, feeds):

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import conv_bn_model
 
 import bnfold
-from attack_models import conv_bn_model
 from bnfold.errors import BadInputError
 
 ONES = np.ones((1, 4, 4, 4), np.float32)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import conv_bn_model
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from attack_models import conv_bn_model
 from bnfold.errors import VerificationError
 
 

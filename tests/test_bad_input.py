@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder
 from click.testing import CliRunner
 
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

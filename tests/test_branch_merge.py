@@ -16,9 +16,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder, invoke, op_types, random_feeds, run
+from helpers import invoke, op_types, random_feeds, run
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.errors import VerificationError
 
 

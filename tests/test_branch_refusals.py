@@ -1,5 +1,6 @@
 """Branch sums that must NOT be merged into one Conv: each is left as it was (numbers unchanged) and
-the identity BN inside says why, with a stable reason code.
+the identity BN inside says why, with a stable reason code. Conv attributes the spec forbids are a
+clean refusal, never an internal error.
 
     x ─┬─ Conv (stride 1, 3x3, pads 0) ─┐
        └─ Conv (stride 2, 1x1)  ────────┴─ Add      same output size on a 5x5 input, not the same taps
@@ -7,11 +8,18 @@ the identity BN inside says why, with a stable reason code.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
-from builders import GraphBuilder, op_types, random_feeds, run
+import pytest
+from helpers import op_types, random_feeds, run
+from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 
 
 def fold_unmerged(model: onnx.ModelProto, merges: int = 0) -> bnfold.api.FoldResult:
@@ -131,3 +139,43 @@ def test_plain_residual_sum_is_no_candidate():
     result = fold_unmerged(model)
     assert op_types(result.model) == op_types(model)
     assert not result.report.skipped
+
+
+# --- Conv attributes the spec forbids: a clean refusal, never an internal error --------------------
+# A branch sum `Conv3x3(x, dilations=[0, 0]) + Conv1x1(x)`: the checker lets dilation 0 through, and the
+# slack of the 3x3 (no padding, zero dilation) equals the 1x1's, so merging would compute
+# `(begin_a - begin_b) % dilation`. Strides/dilations/group below 1 refuse the merge before any
+# arithmetic: no "unexpected error", with or without verification, in fold and in check.
+
+
+C = 4
+
+
+def _branch_sum(path: Path, **conv_attrs) -> None:
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(C, C, 3, 3)).astype(np.float32), "w3"),
+             numpy_helper.from_array(rng.normal(size=(C, C, 1, 1)).astype(np.float32), "w1")]
+    for name, v in (("g", rng.uniform(0.5, 2, C)), ("b", rng.normal(size=C)), ("m", rng.normal(size=C)),
+                    ("v", rng.uniform(0.5, 2, C))):
+        inits.append(numpy_helper.from_array(v.astype(np.float32), name))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w3"], ["c3"], **conv_attrs),
+         helper.make_node("BatchNormalization", ["c3", "g", "b", "m", "v"], ["n3"]),
+         helper.make_node("Conv", ["x", "w1"], ["c1"]), helper.make_node("Add", ["n3", "c1"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, None, None])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+@pytest.mark.parametrize("args", [["m.onnx", "-o", "out.onnx"], ["m.onnx", "-o", "out.onnx", "--no-verify"],
+                                  ["check", "m.onnx"]], ids=["fold", "no-verify", "check"])
+def test_zero_dilation_is_no_internal_error(tmp_path: Path, args: list[str]) -> None:
+    _branch_sum(tmp_path / "m.onnx", dilations=[0, 0])
+
+    result = subprocess.run([sys.executable, "-m", "bnfold", *args], cwd=tmp_path, capture_output=True, text=True)
+
+    assert "unexpected error" not in result.stderr, result.stderr
+    assert result.returncode in (0, 1, 2)

@@ -1,6 +1,7 @@
 """The command line's error surface: every usage error is one `bnfold: error:` line on stderr and
 exit 2; a failed verification is reported once, naming the model; the summary table of a batch keeps
-its columns aligned whatever the length of the model paths.
+its columns aligned whatever the length of the model paths; onnxruntime's own error log stays off
+stderr.
 
 Each case runs in-process (CliRunner) and, for the usage errors, also as `python -m bnfold`, the way
 a shell or CI job sees it.
@@ -13,8 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 from click.testing import CliRunner
+from helpers import conv_bn_model
 
 from bnfold import runtime
 from bnfold.batch import JobResult
@@ -194,3 +197,23 @@ def test_summary_table_from_the_cli_aligns_on_long_paths(tmp_path):
     assert {name: (c["before"], c["after"], c["exit"]) for name, c in cells.items()} == {
         "bn_first.onnx": ("2", "0", "1"), "broken.onnx": ("-", "-", "2"), "no_bn.onnx": ("0", "0", "0")}
     assert cells["no_bn.onnx"]["result"] == "ok"
+
+
+# --- onnxruntime's own error log stays off bnfold's stderr ------------------------------------------
+# When onnxruntime fails to run a model it logs an ERROR record of its own ("[E:onnxruntime:, ...]");
+# bnfold's stderr still holds exactly one line per failed model (issue 11 F).
+
+
+C = 4
+
+
+def test_failed_model_gives_one_stderr_line(tmp_path: Path) -> None:
+    # group=0: the checker accepts it, onnxruntime fails at run time
+    model = conv_bn_model(C, kernel=3, size=8, group=0)
+    onnx.save(model, tmp_path / "m.onnx")
+
+    result = subprocess.run([sys.executable, "-m", "bnfold", "m.onnx", "-o", "out.onnx", "-q"], cwd=tmp_path,
+                            capture_output=True, text=True)
+
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

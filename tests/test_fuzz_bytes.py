@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder
 from click.testing import CliRunner
 from onnx import helper
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.cli import main
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder, op_types, random_feeds, run
+from helpers import op_types, random_feeds, run
 from onnx import numpy_helper
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.report import Reason
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import op_types, run
 from onnx import TensorProto, helper
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.report import Reason
-from builders import GraphBuilder, op_types, run
 
 FLOAT = TensorProto.FLOAT
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder
 from click.testing import CliRunner
 from onnx import helper
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.cli import main
 
 MARK = "QQQQ"  # replaced in the serialized bytes by the same number of bytes that are not UTF-8

@@ -12,9 +12,8 @@ import pytest
 
 jsonschema = pytest.importorskip("jsonschema")
 
-from builders import sample_model_names
 from click.testing import CliRunner, Result
-from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
+from helpers import sample_model_names
 
 from bnfold import render
 from bnfold.batch import JobResult

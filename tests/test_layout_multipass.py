@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from builders import GraphBuilder, invoke, op_types, random_feeds, run
+from helpers import invoke, op_types, random_feeds, run
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 
 
 def int64(values) -> np.ndarray:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import invoke, run
+from helpers import invoke, run
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold

@@ -14,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder, op_types, random_feeds, run
+from helpers import op_types, random_feeds, run
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 
 
 def fold_and_compare(model: onnx.ModelProto) -> bnfold.api.FoldResult:

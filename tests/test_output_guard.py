@@ -1,17 +1,22 @@
 """An output is never a file the input reads (its model file or any external-data file), by name,
 through a symlink or through a hard link; the input model is replaced only when asked (CLI
---in-place, API in_place=True), and then where it really lives: a symlink stays a symlink."""
+--in-place, API in_place=True), and then where it really lives: a symlink stays a symlink. In a batch,
+one job's output is never another job's input; side files (--save-inputs, --save-outputs,
+--report-md) are outputs too."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
 import pytest
-from builders import invoke
+from helpers import conv_bn_model, invoke
 from onnx import external_data_helper
 
 import bnfold
@@ -115,3 +120,116 @@ def test_output_that_is_an_existing_folder_for_one_model_says_what_to_do(tmp_pat
     assert list((tmp_path / "out").iterdir()) == []
     with pytest.raises(BadInputError, match="is a folder"):
         bnfold.fold(model, output=tmp_path / "out")
+
+
+# --- batch mode: one job's output is never another job's input -------------------------------------
+# The guard compares each job's outputs with every job's inputs, not only its own: an output model that
+# is another input is refused before any work (exit 2); a data file name taken by a file the output does
+# not own is not replaced (a fresh name is used); every input stays intact.
+
+
+C = 4
+
+
+def _conv_bn() -> onnx.ModelProto:
+    return conv_bn_model(C)
+
+
+def _bnfold_quiet(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bnfold", *args, "-q"], cwd=folder, capture_output=True, text=True)
+
+
+def test_one_jobs_output_is_not_another_jobs_input(tmp_path: Path) -> None:
+    onnx.save(_conv_bn(), tmp_path / "X.onnx")
+    onnx.save(_conv_bn(), tmp_path / "X.folded.onnx")  # named on the command line: an input
+    before = (tmp_path / "X.folded.onnx").read_bytes()
+
+    result = _bnfold_quiet(tmp_path, "X.onnx", "X.folded.onnx")
+
+    assert (tmp_path / "X.folded.onnx").read_bytes() == before
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("order", [("X.onnx", "Y.onnx"), ("Y.onnx", "X.onnx")])
+def test_one_jobs_data_file_is_not_another_inputs_data(tmp_path: Path, order: tuple[str, str]) -> None:
+    onnx.save(copy.deepcopy(_conv_bn()), tmp_path / "X.onnx", save_as_external_data=True, location="X.bin",
+              size_threshold=0)
+    onnx.save(copy.deepcopy(_conv_bn()), tmp_path / "Y.onnx", save_as_external_data=True,
+              location="X.folded.onnx.data", size_threshold=0)
+    before = (tmp_path / "X.folded.onnx.data").read_bytes()
+
+    result = _bnfold_quiet(tmp_path, *order)
+
+    assert (tmp_path / "X.folded.onnx.data").read_bytes() == before, "input Y's weights were replaced"
+    assert result.returncode == 0, result.stderr  # X's weights went to a fresh name beside its output
+    written = onnx.load(str(tmp_path / "X.folded.onnx"))
+    assert written.graph.node and {"Conv"} <= {n.op_type for n in written.graph.node}
+
+
+def test_data_file_of_an_unnamed_model_is_not_replaced(tmp_path: Path) -> None:
+    onnx.save(copy.deepcopy(_conv_bn()), tmp_path / "X.onnx", save_as_external_data=True, location="X.bin",
+              size_threshold=0)
+    onnx.save(copy.deepcopy(_conv_bn()), tmp_path / "Y.onnx", save_as_external_data=True,
+              location="X.folded.onnx.data", size_threshold=0)
+    before = (tmp_path / "X.folded.onnx.data").read_bytes()
+
+    _bnfold_quiet(tmp_path, "X.onnx")
+
+    assert (tmp_path / "X.folded.onnx.data").read_bytes() == before
+
+
+# --- side files (--save-inputs, --save-outputs, --report-md) are outputs too -------------------------
+# Naming the input model, the input's external data file or the model output as a side file is refused
+# (exit 2, one line), every input byte and the output untouched; `bnfold check`, which writes nothing,
+# never overwrites the model it checks.
+
+
+def _conv_bn_models(folder: Path) -> None:
+    """m.onnx (self-contained) and e.onnx + e.bin (external data): Conv -> BN."""
+    onnx.save(conv_bn_model(C), folder / "m.onnx")
+    onnx.save(conv_bn_model(C), folder / "e.onnx", save_as_external_data=True, location="e.bin", size_threshold=0)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+SIDE_FILE_CASES = [
+    # (arguments, the file that must survive)
+    (["m.onnx", "-o", "out.onnx", "--save-inputs", "m.onnx"], "m.onnx"),
+    (["m.onnx", "-o", "out.onnx", "--save-outputs", "m.onnx"], "m.onnx"),
+    (["m.onnx", "-o", "out.onnx", "--report-md", "m.onnx"], "m.onnx"),
+    (["e.onnx", "-o", "out.onnx", "--save-inputs", "e.bin"], "e.bin"),
+    (["e.onnx", "-o", "out.onnx", "--save-outputs", "e.bin"], "e.bin"),
+    (["e.onnx", "-o", "out.onnx", "--report-md", "e.bin"], "e.bin"),
+    (["m.onnx", "--in-place", "--report-md", "m.onnx"], "m.onnx"),
+    (["check", "m.onnx", "--report-md", "m.onnx"], "m.onnx"),
+]
+
+
+@pytest.mark.parametrize(("args", "victim"), SIDE_FILE_CASES, ids=[" ".join(a) for a, _ in SIDE_FILE_CASES])
+def test_side_file_never_overwrites_an_input(tmp_path: Path, args: list[str], victim: str) -> None:
+    _conv_bn_models(tmp_path)
+    before = _files(tmp_path)
+
+    result = subprocess.run([sys.executable, "-m", "bnfold", *args], cwd=tmp_path, capture_output=True, text=True)
+
+    in_place_done = "--in-place" in args and result.returncode == 0
+    if not in_place_done:
+        assert (tmp_path / victim).read_bytes() == before[victim], "an input file was overwritten"
+    else:  # in place, the model must at least still be a model (not the Markdown report)
+        onnx.load(str(tmp_path / victim))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_report_md_does_not_replace_the_written_model(tmp_path: Path) -> None:
+    _conv_bn_models(tmp_path)
+
+    result = subprocess.run([sys.executable, "-m", "bnfold", "m.onnx", "-o", "out.onnx", "--report-md", "out.onnx"],
+                            cwd=tmp_path, capture_output=True, text=True)
+
+    if result.returncode == 0:
+        onnx.checker.check_model(onnx.load(str(tmp_path / "out.onnx")))  # "wrote out.onnx" must be a model
+    else:
+        assert result.returncode == 2 and not (tmp_path / "out.onnx").exists()

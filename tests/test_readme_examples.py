@@ -1,4 +1,5 @@
-"""The documented examples run as written: the README's CLI session and Python API block, docs/ci.md's CI step."""
+"""The documented examples run as written: the README's CLI session and Python API block, docs/ci.md's CI step;
+CI runs the README's test command."""
 
 from __future__ import annotations
 
@@ -52,3 +53,12 @@ def test_python_api_block_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README's own example
     assert (tmp_path / "model.folded.onnx").exists()
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^python3 -m venv .*$", readme, flags=re.MULTILINE)
+    assert len(commands) == 2, "README must start with the two set-up commands"
+    test_command = commands[1]
+    assert "pytest" in test_command
+    assert test_command in (ROOT / ".ci" / "run").read_text()

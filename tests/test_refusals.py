@@ -11,11 +11,12 @@ import numpy as np
 import onnx
 import pytest
 import test_branch_refusals
-from builders import GraphBuilder, op_types, random_feeds, run
-from test_map_reasons import test_weight_on_the_left_of_a_matmul_is_refused_as_such
+from helpers import model_from_text, op_types, random_feeds, run
 from onnx import TensorProto, helper
+from test_affine_map_reasons import test_weight_on_the_left_of_a_matmul_is_refused_as_such
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.report import Reason, SkippedRecord, op_counts
 
 BN = "BatchNormalization"
@@ -23,28 +24,11 @@ Feeds = dict[str, np.ndarray]
 
 # Reasons no valid model can produce for a BatchNormalization: ONNX types BN's data and parameters
 # as floating point only, and onnxruntime rejects BN parameters whose length is not the channel count.
-# no_gain: a BN always scales, so folding it removes a node (tested for Add/Sub in test_map_reasons).
+# no_gain: a BN always scales, so folding it removes a node (tested for Add/Sub in test_affine_map_reasons).
 UNREACHABLE_FOR_BN = {Reason.UNSUPPORTED_DTYPE, Reason.CHANNEL_COUNT_MISMATCH, Reason.NO_GAIN}
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def make_model(g: GraphBuilder, outputs: list[onnx.ValueInfoProto], ir_version: int = 8,
-               extra_inputs: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
-    """Like GraphBuilder.model, but with typed outputs and extra graph inputs."""
-    graph = helper.make_graph(g.nodes, "test", [*g.inputs, *(extra_inputs or [])], outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", g.opset)])
-    model.ir_version = ir_version
-    model = onnx.shape_inference.infer_shapes(model)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def initializer_inputs(g: GraphBuilder, names: list[str] | None = None) -> list[onnx.ValueInfoProto]:
-    """Graph-input declarations for initializers (all of them when `names` is None)."""
-    return [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-            for t in g.initializers if names is None or t.name in names]
 
 
 def bn_names(model: onnx.ModelProto) -> list[str]:
@@ -102,7 +86,7 @@ def test_training_mode_is_refused(opset: int) -> None:
     params = g.bn_params(4)
     g.nodes.append(helper.make_node(BN, [conv, *params], ["y", "running_mean", "running_var"], name="bn_train",
                                     training_mode=1))
-    model = make_model(g, [float_output("y", [2, 4, 8, 8])])
+    model = g.model([float_output("y", [2, 4, 8, 8])])
     record = refused(model, Reason.TRAINING_MODE)
     assert "training" in record.detail
 
@@ -117,7 +101,7 @@ def test_running_mean_output_is_refused(mean_is_graph_output: bool) -> None:
     outputs = [float_output("y", [2, 4, 8, 8])]
     if mean_is_graph_output:
         outputs.append(float_output("running_mean", [4]))
-    refused(make_model(g, outputs), Reason.EXTRA_OUTPUTS)
+    refused(g.model(outputs), Reason.EXTRA_OUTPUTS)
 
 
 def test_spatial_0_is_refused() -> None:
@@ -126,7 +110,7 @@ def test_spatial_0_is_refused() -> None:
     params = [g.const(r.uniform(0.5, 1.5, (4, 8, 8)), "gamma"), g.const(r.normal(0, 0.2, (4, 8, 8)), "beta"),
               g.const(r.normal(0, 0.5, (4, 8, 8)), "mean"), g.const(r.uniform(0.5, 1.5, (4, 8, 8)), "var")]
     g.nodes.append(helper.make_node(BN, [conv, *params], ["y"], name="bn_elementwise", spatial=0))
-    refused(make_model(g, [float_output("y", [2, 4, 8, 8])]), Reason.NOT_SPATIAL)
+    refused(g.model([float_output("y", [2, 4, 8, 8])]), Reason.NOT_SPATIAL)
 
 
 # --- BN parameters ---------------------------------------------------------------------------------
@@ -155,8 +139,7 @@ def test_overridable_initializer_is_not_constant() -> None:
     g, conv = conv_bn_graph()
     params = g.bn_params(4)
     y = g.node(BN, [conv, *params], "bn")
-    model = make_model(g, [float_output(y, [2, 4, 8, 8])], ir_version=8,
-                       extra_inputs=initializer_inputs(g, [params[3]]))
+    model = g.model([float_output(y, [2, 4, 8, 8])], ir_version=8, extra_inputs=g.initializer_inputs([params[3]]))
     refused(model, Reason.PARAMS_NOT_CONSTANT)
     # The override really changes the result: folding the default would have been wrong.
     feeds = random_feeds(model)
@@ -169,7 +152,7 @@ def test_ir3_initializers_listed_as_inputs_are_constant() -> None:
     # IR 3 listed every initializer as a graph input; there that says nothing about overriding.
     g, conv = conv_bn_graph(opset=8)
     y = g.bn(conv, 4)
-    model = make_model(g, [float_output(y, [2, 4, 8, 8])], ir_version=3, extra_inputs=initializer_inputs(g))
+    model = g.model([float_output(y, [2, 4, 8, 8])], ir_version=3, extra_inputs=g.initializer_inputs())
     result = bnfold.fold(model)
     assert result.report.passed and result.report.verification is not None
     assert op_types(result.model) == ["Conv"]
@@ -234,7 +217,7 @@ def test_conv_weight_overridable_initializer_is_refused() -> None:
     g, conv = conv_bn_graph()
     y = g.bn(conv, 4)
     weight = g.nodes[0].input[1]
-    model = make_model(g, [float_output(y, [2, 4, 8, 8])], extra_inputs=initializer_inputs(g, [weight]))
+    model = g.model([float_output(y, [2, 4, 8, 8])], extra_inputs=g.initializer_inputs([weight]))
     record = refused(model, Reason.WEIGHT_NOT_CONSTANT)
     assert "also a graph input" in record.detail
 
@@ -279,7 +262,7 @@ def test_matmul_of_unknown_rank_is_unknown_shape() -> None:
                                     else_branch=else_graph))
     y = g.bn(g.matmul("either", 3, 4), 4)
     total = g.node("ReduceSum", [y], keepdims=0)
-    model = make_model(g, [float_output(total, [])])
+    model = g.model([float_output(total, [])])
     assert model.graph.value_info and not any(v.type.tensor_type.HasField("shape") for v in model.graph.value_info
                                               if v.name == "either")
     for flag in (True, False):
@@ -369,3 +352,25 @@ REASON_TESTS = {
 def test_every_reachable_reason_has_a_refusal_test() -> None:
     # A new reason code needs a refusal test here (or a note on why no valid model produces it).
     assert set(REASON_TESTS) == set(Reason) - UNREACHABLE_FOR_BN
+
+
+# --- a fold whose result does not fit the dtype --------------------------------------------------
+
+
+def test_fold_that_would_overflow_float16_is_refused():
+    weight = np.full((2, 2, 1, 1), 0.01, np.float16)
+    weight[0, 0] = 40000.0  # times gamma 4 does not fit in float16
+    params = {n: np.array(v, np.float16) for n, v in
+              [("g", [4.0, 1.0]), ("b", [0.0, 0.0]), ("m", [0.0, 0.0]), ("v", [1.0, 1.0])]}
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float16[1, 2, 2, 2] x) => (float16[1, 2, 2, 2] y) {
+            c = Conv(x, W)
+            y = BatchNormalization <epsilon = 0.0> (c, g, b, m, v)
+        }""", {"W": weight, **params})
+    result = bnfold.fold(model, verify=False)
+    assert not result.report.folded
+    [skipped] = result.report.skipped
+    assert skipped.reason == Reason.INVALID_PARAMS and "overflow" in skipped.detail
+    feeds = {"x": np.full((1, 2, 2, 2), 1e-3, np.float16)}
+    np.testing.assert_array_equal(run(result.model, feeds)[0], run(model, feeds)[0])

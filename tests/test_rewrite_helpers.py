@@ -25,9 +25,9 @@ def test_value_info_of_removed_values_is_dropped_and_the_rest_kept():
     values that no longer exist (the Conv's old output, a forward-folded BN's output) go; the BN
     output the folded Conv now produces, and untouched values, keep theirs."""
     import numpy as np
-    from builders import GraphBuilder
 
     import bnfold
+    from benchmarks.graph_builder import GraphBuilder
 
     g = GraphBuilder(rng=np.random.default_rng(0))
     x = g.input("x", [2, 3, 8, 8])

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold import RunConfig
 
 

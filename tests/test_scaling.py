@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from builders import GraphBuilder
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold import edits, fold_session, graph, rewrite
 from bnfold.rules import chains
 

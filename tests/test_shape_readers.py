@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from builders import GraphBuilder, op_types, random_feeds, run
+from helpers import op_types, random_feeds, run
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.report import Reason
 
 

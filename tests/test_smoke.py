@@ -1,7 +1,8 @@
 import numpy as np
-from builders import GraphBuilder, op_types, random_feeds, run
+from helpers import op_types, random_feeds, run
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 
 
 def test_conv_bn_folds_and_matches():

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from builders import GraphBuilder, run
+from helpers import run
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.runtime import compare_arrays, graph_inputs, random_inputs
 
 

@@ -12,11 +12,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import invoke, run
 from onnx import TensorProto, helper
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.errors import BadInputError
-from builders import GraphBuilder, invoke, run
 
 OPSET = 9
 

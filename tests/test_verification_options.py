@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import GraphBuilder, invoke
 from click.testing import Result
-from test_cli import drop_epsilon  # noqa: F401 - pytest fixture, reused
+from helpers import invoke
+
+from benchmarks.graph_builder import GraphBuilder
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "sample_models"
@@ -31,8 +32,6 @@ def copy_sample(tmp_path: Path, name: str = "resnet_tiny.onnx") -> Path:
     target = tmp_path / name
     shutil.copyfile(SAMPLES_DIR / name, target)
     return target
-
-
 
 
 def files_in(folder: Path) -> dict[str, bytes]:

@@ -1,22 +1,26 @@
 """Verification never passes what it did not prove (issue 11 C2-C5, F): a robust tolerance scale,
 no pass on nothing compared, folded tensors compared, outputs behind discontinuous ops, onnxruntime
-isolated in a child process with a timeout, providers as one string."""
+isolated in a child process with a timeout, providers as one string; a model with an op onnxruntime
+does not know is not verified, so it does not pass."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder, run
-from onnx import helper, numpy_helper
+from helpers import conv_bn_model, model_from_text, run
+from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
 import bnfold.render
+from benchmarks.graph_builder import GraphBuilder
 from bnfold import BadInputError
+from bnfold.errors import VerificationError
 from bnfold.report import Verification
 from bnfold.run_config import RunConfig
 from bnfold.runtime import Tensors, compare_outputs
@@ -265,3 +269,121 @@ def test_providers_may_be_one_string():
     names = [o.name for o in result.report.verification.outputs]
     assert any(name.endswith("@CPUExecutionProvider") for name in names)
     assert RunConfig(providers="CPUExecutionProvider").providers == ["CPUExecutionProvider"]
+
+
+def test_custom_domain_node_is_left_alone_and_verification_says_it_could_not_run():
+    g = GraphBuilder()
+    x = g.input("x", [1, 3, 8, 8])
+    y = g.bn(g.conv(x, 3, 4, pads=[1, 1, 1, 1]), 4)
+    g.nodes.append(helper.make_node("Mystery", [y], ["z"], domain="com.example", name="mystery"))
+    graph = helper.make_graph(g.nodes, "custom", g.inputs, [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    result = bnfold.fold(model, raise_on_failure=False)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Mystery"]
+    assert result.model.graph.node[1].domain == "com.example"
+    verification = result.report.verification
+    assert verification.runtime_status.startswith("not run:")
+    assert "Mystery" in verification.runtime_status
+    assert not verification.passed and not result.report.passed
+    # Without verification the fold itself is fine, and says nothing was verified.
+    unverified = bnfold.fold(model, verify=False)
+    assert unverified.report.verification is None and unverified.report.passed
+
+
+# --- comparisons that prove nothing never pass (issue 11, C2/C3) ---------------------------------------
+# The same rules seen from the command line and the API:
+# - the tolerance scale is robust: one element of 1e7 in an output does not let every other element of
+#   that output be off by 100 (`bnfold.verify` fails models whose outputs differ by 200 % on most elements);
+# - `--inputs` arrays that are all NaN (or Inf) compare nothing and do not pass, and the report does not
+#   claim a seed when the user's arrays were used;
+# - zero samples are bad input, not "unexpected error: IndexError".
+
+
+C = 4
+
+
+def _scaled(scale_of_element_1: float) -> onnx.ModelProto:
+    """y = x * s + k, with k holding one huge element."""
+    s = np.ones((1, 4), np.float32)
+    s[0, 1] = scale_of_element_1
+    k = np.zeros((1, 4), np.float32)
+    k[0, 0] = 1e7
+    return model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x) => (float[1, 4] y) {
+            m = Mul(x, s)
+            y = Add(m, k)
+        }""", {"s": s, "k": k})
+
+
+def test_one_large_element_does_not_widen_the_others_tolerance() -> None:
+    with pytest.raises(VerificationError):
+        bnfold.verify(_scaled(1.0), _scaled(3.0))
+
+
+def _save_conv_bn(path: Path) -> None:
+    onnx.save(conv_bn_model(C), path)
+
+
+@pytest.mark.parametrize("fill", [np.nan, np.inf])
+def test_inputs_without_a_finite_comparison_do_not_pass(tmp_path: Path, fill: float) -> None:
+    _save_conv_bn(tmp_path / "m.onnx")
+    np.savez(tmp_path / "x.npz", x=np.full((1, C, 4, 4), fill, np.float32))
+
+    result = subprocess.run([sys.executable, "-m", "bnfold", "m.onnx", "-o", "out.onnx", "--inputs", "x.npz"],
+                            cwd=tmp_path, capture_output=True, text=True)
+
+    assert result.returncode in (1, 2), result.stdout
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_report_says_user_arrays_were_used(tmp_path: Path) -> None:
+    _save_conv_bn(tmp_path / "m.onnx")
+    np.savez(tmp_path / "x.npz", x=np.ones((1, C, 4, 4), np.float32))
+
+    result = subprocess.run([sys.executable, "-m", "bnfold", "m.onnx", "-o", "out.onnx", "--inputs", "x.npz"],
+                            cwd=tmp_path, capture_output=True, text=True)
+
+    assert result.returncode == 0
+    assert "seed" not in result.stdout
+
+
+def test_zero_samples_is_a_clear_bad_input(tmp_path: Path) -> None:
+    _save_conv_bn(tmp_path / "m.onnx")
+    np.savez(tmp_path / "x.npz", x=np.zeros((0, 1, C, 4, 4), np.float32))
+
+    result = subprocess.run([sys.executable, "-m", "bnfold", "m.onnx", "-o", "out.onnx", "--inputs", "x.npz"],
+                            cwd=tmp_path, capture_output=True, text=True)
+
+    assert result.returncode == 2
+    assert "unexpected error" not in result.stderr and "IndexError" not in result.stderr
+
+
+# --- a correct fold behind a discontinuous op is not rejected (issue 11, C4) -------------------------
+# Two output channels compute the same function two ways: channel 0 is Conv(w) followed by a BN scale
+# of 3, channel 1 is Conv(fl(3w)) with scale 1. In the original the two channels differ by rounding;
+# folded, both hold the weight fl(3w) exactly and tie. `TopK(k=1)` over the channels then picks other
+# indices at some positions and the integer output differs, although every folded weight is within
+# 0.5 ulp and the folded tensor itself matches. The BN output (which keeps its name) is compared, the
+# TopK output is reported as not comparable: exit 0.
+
+
+def test_correct_fold_behind_topk_is_not_rejected(tmp_path: Path) -> None:
+    w = np.random.default_rng(5).normal(size=(1, 8, 1, 1)).astype(np.float32)
+    weight = np.concatenate([w, (w.astype(np.float64) * 3).astype(np.float32)], 0)
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 8, 16, 16] x) => (int64[1, 1, 16, 16] index) {
+            c = Conv(x, w)
+            s = BatchNormalization <epsilon = 0.0> (c, g, b, m, v)
+            values, index = TopK <axis = 1> (s, k)
+        }""", {"w": weight, "g": np.array([3, 1], np.float32), "b": np.zeros(2, np.float32),
+               "m": np.zeros(2, np.float32), "v": np.ones(2, np.float32), "k": np.array([1], np.int64)})
+    onnx.save(model, tmp_path / "m.onnx")
+
+    result = subprocess.run([sys.executable, "-m", "bnfold", "m.onnx", "-o", "out.onnx"], cwd=tmp_path,
+                            capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "out.onnx").exists()

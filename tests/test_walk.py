@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import sample_model_names
+from helpers import sample_model_names
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.model_io import _scan_model

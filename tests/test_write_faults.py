@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder
 from click.testing import CliRunner
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold import model_io
 from bnfold.cli import main
 

@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import onnx
-from builders import GraphBuilder, invoke, op_types
+from helpers import invoke, op_types
 
 import bnfold
+from benchmarks.graph_builder import GraphBuilder
 from bnfold.report import Reason
 
 

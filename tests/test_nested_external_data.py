@@ -1,4 +1,4 @@
-"""Attack: external data held by tensors that are neither main-graph initializers nor node-attribute
+"""External data held by tensors that are neither main-graph initializers nor node-attribute
 tensors of the main graph — a Constant node inside a model-local function, a sparse initializer.
 
 bnfold streams main-graph initializers (and materialises attribute/subgraph tensors) into its output,

@@ -37,8 +37,8 @@ def test_a_wrong_fold_hidden_from_every_output_fails_at_its_tensor(monkeypatch):
     import numpy as np
 
     import bnfold
+    from benchmarks.graph_builder import GraphBuilder
     from bnfold import fold_math
-    from builders import GraphBuilder
 
     original = fold_math.conv_backward
 

@@ -1,12 +1,7 @@
-"""Attack: an output path that is not a regular file (a FIFO, a character device such as /dev/null,
-a symlink such as /dev/stdout) is *replaced* by a regular file.
-
-`save_model_atomic` writes a temporary file beside the output and `os.replace`s it over whatever is
-there (model_io.py); `file_access.output_target` refuses folders and input files only. So
-`bnfold m.onnx -o /dev/null` — a natural way to "only verify" — run as root (CI containers) deletes the
-system's /dev/null and leaves a model file in its place. Expected: such an output is refused with
-exit 2 before any work (or written *into*, never replaced), and the special file stays what it was.
-"""
+"""Files that are not regular files (a FIFO, a character device such as /dev/null, a symlink to one
+such as /dev/stdout) are refused before any work, exit 2, one line: as `--inputs` (a FIFO would block
+np.load for ever) and as the output (replacing it, run as root, would delete /dev/null); the special
+file stays what it was."""
 
 from __future__ import annotations
 
@@ -18,7 +13,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from attack_models import conv_bn_model
+from helpers import conv_bn_model
 
 C = 4
 
@@ -34,6 +29,19 @@ def _make_special(path: Path, kind: str) -> None:
         if os.geteuid() != 0:
             pytest.skip("creating a device node needs root")
         os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # the same device as /dev/null
+
+
+def test_inputs_fifo_is_refused(tmp_path: Path) -> None:
+    _conv_bn(tmp_path / "m.onnx")
+    os.mkfifo(tmp_path / "arrays.npz")
+
+    try:
+        result = subprocess.run([sys.executable, "-m", "bnfold", "m.onnx", "-o", "out.onnx", "--inputs", "arrays.npz"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("bnfold blocked reading the FIFO")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("kind", ["fifo", "char_device"])
