@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from attack2_models import conv_bn_plus_constant, external_tensor
+from crafted_models import conv_bn_plus_constant, external_tensor
 
 from bnfold.errors import BadInputError
 from bnfold.model_io import load_model

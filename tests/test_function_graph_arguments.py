@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-from attack2_models import C, function_with_graph_argument
+from crafted_models import C, function_with_graph_argument
 
 import bnfold
 
