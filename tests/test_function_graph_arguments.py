@@ -2,7 +2,7 @@
 *caller's* names, but at run time it is a branch inside the function body and its outer-scope names
 bind there.
 
-`tests/attack2_models.function_with_graph_argument`: the main graph calls `F(x, body=<graph>)`; F's
+`tests/crafted_models.function_with_graph_argument`: the main graph calls `F(x, body=<graph>)`; F's
 body defines `w` (a Constant) and runs `If(then_branch = @body)`; the passed graph does
 `Conv(x, w) -> BatchNormalization`. The main graph *also* has an initializer `w` (other values).
 `bnfold.walk.scoped_subgraphs` (walk.py:53-81) treats every graph attribute of a custom-domain node as
