@@ -33,6 +33,9 @@ class OrtJob:
     batches: list[dict[str, np.ndarray]]
     extra: list[str] = field(default_factory=list)  # intermediate tensors to fetch from both models
     providers: list[str] = field(default_factory=list)  # extra providers for the folded model
+    # "onnxruntime", or "reference": onnx's reference evaluator, for models onnxruntime cannot run
+    # (graph outputs only; it runs in the child for the same reasons: a hang or crash is a verdict).
+    engine: str = "onnxruntime"
 
 
 @dataclass
@@ -70,6 +73,8 @@ def _session(path: str, extra: list[str], provider: str):
 def run_job(job: OrtJob) -> OrtRuns:
     """Both models on every batch; extra tensors are dropped (not failed) when onnxruntime cannot
     add them as outputs, so the caller sees which were compared."""
+    if job.engine == "reference":
+        return _run_reference_evaluator(job)
     runs = OrtRuns()
     extra = list(job.extra)
     try:
@@ -98,6 +103,23 @@ def run_job(job: OrtJob) -> OrtRuns:
         except Exception as error:  # noqa: BLE001
             runs.error = ("folded", provider, first_line(error))
             return runs
+    return runs
+
+
+def _run_reference_evaluator(job: OrtJob) -> OrtRuns:
+    """Both models' graph outputs from onnx's reference evaluator; any failure is the run's error."""
+    from onnx.reference import ReferenceEvaluator
+
+    runs = OrtRuns()
+    try:
+        reference = ReferenceEvaluator(onnx.load(job.original))  # external data beside each file
+        runs.names = [o.name for o in reference.proto_.graph.output]
+        runs.outputs = len(runs.names)
+        runs.references = [reference.run(None, feeds) for feeds in job.batches]
+        candidate = ReferenceEvaluator(onnx.load(job.folded))
+        runs.candidates[""] = [candidate.run(runs.names, feeds) for feeds in job.batches]
+    except Exception as error:  # noqa: BLE001 - whatever the evaluator raises
+        runs.error = ("reference", "", first_line(error))
     return runs
 
 
@@ -190,17 +212,18 @@ class Child:
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
             pass  # the child died: its exit status says how
         self._process.join(max(min(deadline - time.monotonic(), 5.0), 0.1))
-        raise CouldNotRun(self._why(timeout))
+        raise CouldNotRun(self._why(timeout, "onnxruntime" if job.engine == "onnxruntime" else
+                                    "onnx's reference evaluator"))
 
-    def _why(self, timeout: float) -> str:
+    def _why(self, timeout: float, engine: str) -> str:
         code = self._process.exitcode
         if code is None:
-            return f"onnxruntime did not finish within the timeout ({timeout:g} s; raise it with --timeout)"
+            return f"{engine} did not finish within the timeout ({timeout:g} s; raise it with --timeout)"
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else "unknown"
             hint = " (likely out of memory)" if -code == signal.SIGKILL else ""
-            return f"onnxruntime crashed (signal {-code}, {name}){hint}"
-        return f"onnxruntime's process exited with code {code}"
+            return f"{engine} crashed (signal {-code}, {name}){hint}"
+        return f"{engine}'s process exited with code {code}"
 
     def close(self) -> None:
         """Kill (if still running) and reap the child; safe to call more than once."""

@@ -14,7 +14,7 @@ import onnx
 
 from bnfold.compare import compare_arrays, merge_checks, robust_scale, tolerances_for, upstream_scales
 from bnfold.discontinuous import discontinuous_sources
-from bnfold.errors import BadInputError, first_line
+from bnfold.errors import BadInputError
 from bnfold.fold_math import is_float
 from bnfold.model_io import EXTERNAL_ABOVE_BYTES, save_model_atomic
 from bnfold.ort_child import Child, CouldNotRun, OrtJob, OrtRuns, run_job
@@ -167,12 +167,16 @@ def compare_outputs(original, folded: onnx.ModelProto, result: Verification, con
         if config.providers:
             result.runtime_status = f"not run: --providers need onnxruntime, but {why}"
             return
+        # The file that will be delivered, when there is one, as onnxruntime would have run it; in a
+        # child process of its own, under the same timeout.
+        fallback = OrtJob("", "", batches, engine="reference")
         try:
-            # The file that will be delivered, when there is one, as onnxruntime would have run it.
-            candidate = folded if folded_file is None else onnx.load(str(folded_file))
-            runs = _run_reference_evaluator(original, candidate, batches, store)
-        except Exception as error:  # noqa: BLE001 - the evaluator cannot run it either: say both
-            result.runtime_status = f"not run: {why}; onnx reference evaluator: {first_line(error)}"
+            runs = _run_in_child(original, folded, folded_file, fallback, config, store, None)
+        except CouldNotRun as reason:
+            result.runtime_status = f"could not run: {why}; {reason}"
+            return
+        if runs.error is not None:  # the evaluator cannot run it either: say both
+            result.runtime_status = f"not run: {why}; onnx reference evaluator: {runs.error[2]}"
             return
         result.runtime_engine = f"onnx reference evaluator ({why})"
     except RuntimeError as error:
@@ -239,14 +243,7 @@ def _run_onnxruntime(original, folded, folded_file, job: OrtJob, config: RunConf
                      result: Verification, store, child: Child | None) -> OrtRuns:
     """Both models' runs; _CannotRun when the original cannot be run, RuntimeError(status) when the
     folded model cannot, CouldNotRun when onnxruntime's process died or hung."""
-    with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
-        job.original = model_file(original, folder)
-        job.folded = model_file(folded if folded_file is None else folded_file, folder, store)
-        if not config.isolated:
-            runs = run_job(job)
-        else:
-            with child or Child() as running:
-                runs = running.run(job, config.timeout)
+    runs = _run_in_child(original, folded, folded_file, job, config, store, child)
     if runs.error is None:
         return runs
     kind, provider, message = runs.error
@@ -272,19 +269,17 @@ def _raise_for_shapes(config: RunConfig, message: str) -> None:
                             f"{message}") from None
 
 
-def _run_reference_evaluator(original, folded: onnx.ModelProto, batches, store):
-    from onnx.reference import ReferenceEvaluator
-
-    model = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original))
-    if store is not None and store.has_deferred(folded):  # the evaluator needs self-contained models
-        copy = onnx.ModelProto()
-        copy.CopyFrom(folded)
-        store.materialize(copy, keep_pending=True)
-        folded = copy
-    names = [o.name for o in model.graph.output]
-    references = [ReferenceEvaluator(model).run(None, feeds) for feeds in batches]
-    candidate = ReferenceEvaluator(folded)
-    return OrtRuns(names, len(names), references, {"": [candidate.run(names, feeds) for feeds in batches]})
+def _run_in_child(original, folded, folded_file, job: OrtJob, config: RunConfig, store,
+                  child: Child | None) -> OrtRuns:
+    """`job` on both models' files (in-memory ones written to a temporary folder first), in `child`
+    or a new child process (in this process only when `config.isolated` is off)."""
+    with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
+        job.original = model_file(original, folder)
+        job.folded = model_file(folded if folded_file is None else folded_file, folder, store)
+        if not config.isolated:
+            return run_job(job)
+        with child or Child() as running:
+            return running.run(job, config.timeout)
 
 
 def _save_arrays(config: RunConfig, batches, names, references, candidates) -> None:

@@ -231,6 +231,26 @@ def test_hang_past_the_timeout_fails_and_writes_nothing(tmp_path):
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["loop.onnx"]
 
 
+def test_the_reference_evaluator_fallback_runs_isolated_under_the_timeout(tmp_path):
+    """onnxruntime refuses the endless Loop when its trip count and condition have shape [1] (not the
+    scalars the spec asks for), so verification falls back to onnx's reference evaluator — which then loops for ever.
+    It runs in a child process under the same timeout: a verdict, not a hang of bnfold."""
+    loop = _endless_loop()
+    trips, cond = next(node for node in loop.graph.node if node.op_type == "Loop").input[:2]
+    for name, value in ((trips, np.array([10**15], np.int64)), (cond, np.array([True]))):
+        tensor = next(t for t in loop.graph.initializer if t.name == name)
+        tensor.CopyFrom(numpy_helper.from_array(value, name))
+    model = tmp_path / "loop.onnx"
+    onnx.save(loop, model)
+    out = tmp_path / "out.onnx"
+    done = subprocess.run([sys.executable, "-m", "bnfold", str(model), "-o", str(out), "--timeout", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "onnxruntime cannot load the original model" in done.stdout
+    assert "onnx's reference evaluator did not finish within the timeout (2 s" in done.stdout
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["loop.onnx"]
+
+
 CRASH_HOOK = '''
 import os, signal, sys
 if any("forkserver" in arg for arg in getattr(sys, "orig_argv", sys.argv)):
