@@ -126,11 +126,15 @@ def _run_reference_evaluator(job: OrtJob) -> OrtRuns:
 def _child_main(connection) -> None:
     try:
         job = connection.recv()
+    except BaseException:  # noqa: BLE001 - the parent closed without a job (it found bad input first)
+        return  # or was interrupted: leave quietly, multiprocessing would print a traceback
+    try:
         runs = run_job(job)
     except BaseException as error:  # noqa: BLE001 - reported to the parent, not as a traceback here
         runs = OrtRuns(error=("original_load", CPU, first_line(error)))
-    connection.send(runs)
-    connection.close()
+    with contextlib.suppress(BaseException):  # the parent may have stopped waiting (timeout, interrupt)
+        connection.send(runs)
+        connection.close()
 
 
 class CouldNotRun(Exception):

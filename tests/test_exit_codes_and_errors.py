@@ -94,10 +94,10 @@ def test_first_line_is_bounded():
 
 
 def test_shared_first_line_replaces_the_local_copies():
-    from bnfold import model_io, runtime
+    from bnfold import model_io, ort_child, runtime
 
     assert not hasattr(model_io, "_first_line") and not hasattr(runtime, "_line")
-    assert model_io.first_line is first_line and runtime.first_line is first_line
+    assert model_io.first_line is first_line and ort_child.first_line is first_line
 
 
 def test_empty_checker_message_is_not_an_index_error(monkeypatch):

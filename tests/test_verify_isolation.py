@@ -57,3 +57,19 @@ def test_a_wrong_fold_hidden_from_every_output_fails_at_its_tensor(monkeypatch):
     assert all(output.passed for output in verification.outputs)
     assert [t.passed for t in verification.intermediate_tensors] == [False]
     assert not verification.passed
+
+
+def test_a_child_whose_parent_closed_without_a_job_leaves_quietly(capfd):
+    """The child is started before the parent's last checks; when those find bad input, the parent
+    closes the pipe without sending a job. The child's `recv` then fails, and its reply could not be
+    sent either: that raised out of the child, and multiprocessing printed "Process
+    bnfold-onnxruntime:" (and a traceback, cut short by the kill) above bnfold's one-line error."""
+    import multiprocessing
+
+    from bnfold.ort_child import _child_main
+
+    parent_end, child_end = multiprocessing.Pipe()
+    parent_end.close()
+    _child_main(child_end)  # returns, raises nothing
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
