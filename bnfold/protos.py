@@ -46,8 +46,18 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
     """A node attribute's value, or the operator spec's default."""
     for attr in node.attribute:
         if attr.name == name:
+            kind = attr.type  # the common kinds read directly: this runs several times per node
+            if kind == _INT:
+                return attr.i
+            if kind == _INTS:
+                return list(attr.ints)
+            if kind == _FLOAT:
+                return attr.f
             return onnx.helper.get_attribute_value(attr)
     return default
+
+
+_INT, _INTS, _FLOAT = onnx.AttributeProto.INT, onnx.AttributeProto.INTS, onnx.AttributeProto.FLOAT
 
 
 _T = onnx.TensorProto

@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import onnx
 
-from bnfold.protos import attribute
 from bnfold.report import Reason
 from bnfold.rules.refusal import Refusal
 
-POSITIVE_INTS = ("group", "strides", "dilations", "kernel_shape")
+POSITIVE_INTS = frozenset({"group", "strides", "dilations", "kernel_shape"})
 
 
 def invalid_attribute(node: onnx.NodeProto) -> Refusal | None:
     """Why the node's integer attributes break the spec (each must be >= 1), or None."""
-    for name in POSITIVE_INTS:
-        value = attribute(node, name, None)
-        values = [value] if isinstance(value, int) else list(value or [])
-        if any(v < 1 for v in values):
+    for attr in node.attribute:  # one pass: this runs for every layer a rule looks at
+        if attr.name in POSITIVE_INTS:
+            values = [attr.i] if attr.type == onnx.AttributeProto.INT else list(attr.ints)
+            value = values[0] if attr.type == onnx.AttributeProto.INT else values
+            if any(v < 1 for v in values):
+                return Refusal(Reason.UNSUPPORTED_ATTRIBUTE, f"{node.op_type} '{node.name or node.output[0]}' has "
+                               f"{attr.name}={value}: the operator spec requires values >= 1")
+        elif attr.name == "pads" and any(p < 0 for p in attr.ints):
             return Refusal(Reason.UNSUPPORTED_ATTRIBUTE, f"{node.op_type} '{node.name or node.output[0]}' has "
-                           f"{name}={value}: the operator spec requires values >= 1")
-    pads = attribute(node, "pads", None)
-    if pads is not None and any(p < 0 for p in pads):
-        return Refusal(Reason.UNSUPPORTED_ATTRIBUTE, f"{node.op_type} '{node.name or node.output[0]}' has "
-                       f"pads={list(pads)}: negative padding")
+                           f"pads={list(attr.ints)}: negative padding")
     return None
