@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx
 
-from bnfold.protos import ValueInfo, value_infos_of
+from bnfold.protos import ValueInfo, attribute, value_infos_of
 from bnfold.serialize import copy_without, raw_size
 from bnfold.walk import MAIN_SCOPE, iter_scopes
 
@@ -90,4 +90,20 @@ def _without_declared_shapes(model: onnx.ModelProto, original: onnx.ModelProto) 
                 value.type.tensor_type.ClearField("shape")
     for function in copy.functions:
         del function.value_info[:]
+    untrusted = [node for _, body in iter_scopes(copy) for node in body.node if _inference_disagrees_with_runtime(node)]
+    for node in untrusted:
+        node.domain = UNTRUSTED_DOMAIN  # an op inference does not know: its outputs stay unknown
+    if untrusted:
+        copy.opset_import.add(domain=UNTRUSTED_DOMAIN, version=1)
     return copy
+
+
+# onnx's inference of these disagrees with the runtime: for a pool with ceil_mode=1 it counts a last
+# window that starts inside the end padding, which the spec (opset 19) and onnxruntime drop.
+_CEIL_MODE_POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
+UNTRUSTED_DOMAIN = "bnfold.shape_not_inferred"
+
+
+def _inference_disagrees_with_runtime(node: onnx.NodeProto) -> bool:
+    return node.op_type in _CEIL_MODE_POOLS and node.domain in ("", "ai.onnx") and \
+        attribute(node, "ceil_mode", 0) == 1
