@@ -181,10 +181,7 @@ def conv_backward(
     weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine, out_dtype: np.dtype | None = None
 ) -> tuple[FloatArray, FloatArray]:
     """Conv weight [C_out, C_in/g, k...]: output channels are axis 0 whatever the group."""
-    out_channels = weight.shape[0]
-    affine = affine.expanded(out_channels)
-    new_weight = scaled(weight, _along(affine.scale, 0, weight.ndim), out_dtype)
-    return new_weight, _bias_or_zeros(bias, out_channels) * affine.scale + affine.shift
+    return _backward_along(weight, bias, affine, 0, out_dtype)
 
 
 def conv_transpose_backward(
@@ -225,9 +222,15 @@ def matmul_backward(
     weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine, out_dtype: np.dtype | None = None
 ) -> tuple[FloatArray, FloatArray]:
     """MatMul weight [K, N]: output channels are the last axis."""
-    out_channels = weight.shape[1]
+    return _backward_along(weight, bias, affine, 1, out_dtype)
+
+
+def _backward_along(weight: FloatArray, bias: FloatArray | None, affine: ChannelAffine, axis: int,
+                    out_dtype: np.dtype | None) -> tuple[FloatArray, FloatArray]:
+    """W' = W·s along the weight's output-channel `axis`, b' = b·s + t (a missing bias is 0)."""
+    out_channels = weight.shape[axis]
     affine = affine.expanded(out_channels)
-    new_weight = scaled(weight, affine.scale[None, :], out_dtype)
+    new_weight = scaled(weight, _along(affine.scale, axis, weight.ndim), out_dtype)
     return new_weight, _bias_or_zeros(bias, out_channels) * affine.scale + affine.shift
 
 

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError, Message
 
 from bnfold import file_access, interrupts
 from bnfold.errors import BadInputError, first_line
+from bnfold.protos import copy_message
 from bnfold.serialize import DataFile, estimated_size, raw_size, write_model
 from bnfold.tensors import TensorStore
 
@@ -113,19 +114,13 @@ def check_structure(model: onnx.ModelProto, label: str,
     if unlisted:
         # Accepted as onnxruntime accepts it (bnfold.conformance): the rest of the model is checked
         # as the repaired output will be, with the listings added, on a copy.
-        checked = _copy_model(checked) if checked is model else checked
+        checked = copy_message(checked) if checked is model else checked
         list_initializers_as_inputs(checked, unlisted_initializers(checked))
     try:
         onnx.checker.check_model(checked)
     except (onnx.checker.ValidationError, ValueError) as error:
         raise BadInputError(f"{label}: invalid model: {first_line(error)}") from None
     return tensors
-
-
-def _copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
 
 
 def _scan_model(model: onnx.ModelProto) -> tuple[list[onnx.TensorProto], str | None]:

@@ -8,8 +8,19 @@ needs them too; this module imports nothing from bnfold, so both can depend on i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import onnx
+from google.protobuf.message import Message
+
+MessageT = TypeVar("MessageT", bound=Message)
+
+
+def copy_message(message: MessageT) -> MessageT:
+    """A deep copy of a protobuf message (nodes, models, ...)."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
 
 
 @dataclass(frozen=True)

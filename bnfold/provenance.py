@@ -13,6 +13,7 @@ import onnx
 
 from bnfold.branch_math import Expr
 from bnfold.fold_math import ChannelAffine, ChannelSpread
+from bnfold.protos import copy_message
 from bnfold.rules.layers import Layer
 
 
@@ -68,6 +69,4 @@ class OriginalLayer:
 
 
 def copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    return copy
+    return copy_message(node)
