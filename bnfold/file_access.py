@@ -47,9 +47,14 @@ def check_model_file(path: Path, what: str = "models") -> None:
         raise BadInputError(f"{path}: is a {_kind(status.st_mode)}, not a regular file; only files are {what}")
 
 
-def check_external_data(tensors: Iterable[onnx.TensorProto], model_path: Path) -> set[Path]:
+def check_external_data(tensors: Iterable[onnx.TensorProto], model_path: Path,
+                        opened: dict[str, int] | None = None) -> set[Path]:
     """The (resolved) data files the model's external tensors read, after checking every entry;
-    a `BadInputError` naming the model, the tensor and the reason for the first bad one."""
+    a `BadInputError` naming the model, the tensor and the reason for the first bad one.
+
+    With `opened`, each data file is also opened here, as the very file that was checked, and its
+    descriptor recorded by location: bnfold then reads through it, so a file swapped (for a
+    symlink leading out, say) after the check is never what bnfold reads. The caller closes them."""
     folder = os.path.realpath(model_path.parent if str(model_path.parent) else ".")
     sizes: dict[str, tuple[Path, int]] = {}  # location -> (resolved file, size): one stat per file
     for tensor in tensors:
@@ -58,7 +63,7 @@ def check_external_data(tensors: Iterable[onnx.TensorProto], model_path: Path) -
         entries = _entries(tensor, model_path)
         location = entries.get("location", "")
         if location not in sizes:
-            sizes[location] = _data_file(location, folder, tensor, model_path)
+            sizes[location] = _data_file(location, folder, tensor, model_path, opened)
         data_file, size = sizes[location]
         offset = _count(entries, "offset", tensor, model_path)
         length = _count(entries, "length", tensor, model_path)
@@ -98,8 +103,10 @@ def _entries(tensor: onnx.TensorProto, model_path: Path) -> dict[str, str]:
     return entries
 
 
-def _data_file(location: str, folder: str, tensor: onnx.TensorProto, model_path: Path) -> tuple[Path, int]:
-    """The resolved data file for `location` and its size, if it is a regular file inside `folder`."""
+def _data_file(location: str, folder: str, tensor: onnx.TensorProto, model_path: Path,
+               opened: dict[str, int] | None) -> tuple[Path, int]:
+    """The resolved data file for `location` and its size, if it is a regular file inside `folder`
+    (opened into `opened`, when given)."""
     def refuse(reason: str) -> BadInputError:
         return BadInputError(f"{model_path}: tensor '{tensor.name}': external data location '{location}' {reason}")
 
@@ -122,7 +129,25 @@ def _data_file(location: str, folder: str, tensor: onnx.TensorProto, model_path:
         raise refuse(f"cannot be read ({error.strerror or error})") from None
     if not stat.S_ISREG(status.st_mode):
         raise refuse(f"is a {_kind(status.st_mode)}, not a regular file")
+    if opened is not None:
+        opened[location] = _open_as_checked(resolved, status, refuse)
     return Path(resolved), status.st_size
+
+
+def _open_as_checked(resolved: str, checked: os.stat_result, refuse) -> int:
+    """A read descriptor of `resolved` if it is still the file `checked` describes: not a symlink
+    swapped in (O_NOFOLLOW; every other component was resolved already), not a FIFO (O_NONBLOCK
+    keeps the open from blocking), the same inode."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(resolved, flags)
+    except OSError as error:
+        raise refuse(f"cannot be opened ({error.strerror or error})") from None
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (checked.st_dev, checked.st_ino) or not stat.S_ISREG(now.st_mode):
+        os.close(fd)
+        raise refuse("changed while it was being checked")
+    return fd
 
 
 def _count(entries: dict[str, str], key: str, tensor: onnx.TensorProto, model_path: Path) -> int | None:

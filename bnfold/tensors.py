@@ -12,11 +12,15 @@ only the tensors being folded are ever in memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
+import os
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -95,6 +99,10 @@ class TensorStore:
     def __init__(self, base_dir: Path | None = None) -> None:
         self.base_dir = base_dir
         self._pending = PendingTensors()
+        # Data files opened when they were checked (`file_access.check_external_data` fills it), by
+        # location: reads go through these, never through the name again. Closed with the store.
+        self.open_files: dict[str, int] = {}
+        weakref.finalize(self, _close_all, self.open_files)
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -117,7 +125,8 @@ class TensorStore:
             raise BadInputError(f"tensor '{tensor.name}': {length} bytes of external data for dims {list(shape)}")
         try:
             # Mapped, not read: the pages are the page cache's, and leave with the array.
-            return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+            with self._open(tensor) as handle:
+                return np.memmap(handle, dtype=dtype, mode="r", offset=offset, shape=shape)
         except (OSError, ValueError) as error:
             raise BadInputError(f"tensor '{tensor.name}': cannot read external data {path} ({error})") from None
 
@@ -140,13 +149,21 @@ class TensorStore:
             return
         path, offset, length = self._file(tensor), int(info.get("offset", 0)), self.byte_length(tensor)
         try:
-            with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            with self._open(tensor) as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 if offset + length > len(mapped):
                     raise BadInputError(f"tensor '{tensor.name}': external data in {path} is truncated")
                 for start in range(offset, offset + length, CHUNK_BYTES):
                     yield mapped[start:min(start + CHUNK_BYTES, offset + length)]
         except (OSError, ValueError) as error:
             raise BadInputError(f"tensor '{tensor.name}': cannot read external data {path} ({error})") from None
+
+    def _open(self, tensor: onnx.TensorProto) -> BinaryIO:
+        """The tensor's data file: the descriptor opened when it was checked (duplicated: mmap and the
+        file object each own theirs), else opened by name."""
+        fd = self.open_files.get(external_info(tensor).get("location", ""))
+        if fd is not None:
+            return os.fdopen(os.dup(fd), "rb")
+        return open(self._file(tensor), "rb")
 
     def _file(self, tensor: onnx.TensorProto) -> Path:
         location = external_info(tensor).get("location", "")
@@ -189,3 +206,10 @@ class TensorStore:
 
     def has_deferred(self, model: onnx.ModelProto) -> bool:
         return any(self.is_deferred(t) for t in iter_tensors(model))
+
+
+def _close_all(descriptors: dict[str, int]) -> None:
+    for fd in descriptors.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    descriptors.clear()

@@ -10,6 +10,7 @@ byte is read, with one line naming the model, the tensor and the reason (CLI exi
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -269,21 +270,17 @@ def test_only_regular_files_are_models(tmp_path, target, mode):
         bnfold.check(path)
 
 
-# --- the checked external-data file is the one read (open: strict xfail) ----------------------------
+# --- the checked external-data file is the one read ------------------------------------------------
 # `file_access.check_external_data` resolves each location (symlinks included) once, when the model is
-# loaded; `TensorStore._file` (tensors.py) later opens `base_dir / location` again by name, following
-# whatever is there *then*. Whoever can write in the model's folder while bnfold runs (a shared upload
-# folder, a CI workspace) can swap the checked file for a symlink to a file outside, and its bytes are
-# copied into the output with --no-verify. Low severity (needs a race with write access to the folder);
-# the general fix is to read what was checked: keep the opened file (descriptor) from the check, or
-# re-resolve and re-confine the path at every read.
+# loaded. Whoever can write in the model's folder while bnfold runs (a shared upload folder, a CI
+# workspace) could swap the checked file for a symlink to a file outside, and its bytes were copied
+# into the output with --no-verify, because the store re-opened the file by name. The check now opens
+# each file as the inode it checked and bnfold reads only through those descriptors.
 
 
 C = 4
 
 
-@pytest.mark.xfail(strict=True, reason="external data is re-opened by name after the check (TOCTOU): a symlink "
-                   "swapped in after loading is followed outside the model's folder")
 def test_data_file_swapped_for_a_symlink_after_the_check_is_not_read(tmp_path: Path, monkeypatch) -> None:
     folder = tmp_path / "model"
     folder.mkdir()
@@ -309,8 +306,8 @@ def test_data_file_swapped_for_a_symlink_after_the_check_is_not_read(tmp_path: P
 
     checked = file_access.check_external_data
 
-    def check_then_swap(tensors, model_path):
-        files = checked(tensors, model_path)
+    def check_then_swap(tensors, model_path, *opened):
+        files = checked(tensors, model_path, *opened)
         os.unlink(folder / "w.bin")  # the race: replaced right after the check
         os.symlink(secret, folder / "w.bin")
         return files
@@ -322,3 +319,36 @@ def test_data_file_swapped_for_a_symlink_after_the_check_is_not_read(tmp_path: P
         return  # refused: fine
     weight = next(t for t in result.model.graph.initializer if t.name == result.model.graph.node[0].input[1])
     assert not np.allclose(numpy_helper.to_array(weight), 7.0), "the secret file's bytes reached the output"
+
+
+def test_a_data_file_replaced_between_check_and_open_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """The file is opened as the very inode that was checked: replaced in between (here by a FIFO,
+    which a plain open would block on), it is refused instead of read."""
+    model = _model()
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    real_stat = file_access.os.stat
+
+    def stat_then_replace(path, *args, **kwargs):
+        status = real_stat(path, *args, **kwargs)
+        if str(path).endswith("w.bin") and stat.S_ISREG(status.st_mode):
+            os.unlink(path)
+            os.mkfifo(path)
+        return status
+
+    monkeypatch.setattr(file_access.os, "stat", stat_then_replace)
+    with pytest.raises(BadInputError, match="changed while it was being checked"):
+        bnfold.fold(tmp_path / "m.onnx", verify=False)
+
+
+def test_checked_data_files_are_closed_with_the_result(tmp_path: Path) -> None:
+    import gc
+
+    model = _model()
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        result = bnfold.fold(tmp_path / "m.onnx", verify=False)
+        result.save(tmp_path / "out.onnx")
+        del result
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before
