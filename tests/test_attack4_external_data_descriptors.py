@@ -67,6 +67,7 @@ def test_a_model_with_more_data_files_than_the_descriptor_limit_folds(tmp_path):
     root = str(Path(bnfold.__file__).resolve().parents[1])
     child = subprocess.run([sys.executable, "-c", _CHILD.format(limit=FD_LIMIT), str(model),
                             str(tmp_path / "out.onnx")],
-                           capture_output=True, text=True, env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"})
+                           capture_output=True, text=True, check=False,
+                           env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"})
     assert child.returncode == 0, child.stderr.strip().splitlines()[-1:]
     assert int(child.stdout.strip()) >= 1  # the BN at least (the zero Adds fold too)
