@@ -19,6 +19,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -47,14 +48,39 @@ def check_model_file(path: Path, what: str = "models") -> None:
         raise BadInputError(f"{path}: is a {_kind(status.st_mode)}, not a regular file; only files are {what}")
 
 
+@dataclass(frozen=True)
+class CheckedFile:
+    """A data file as the check saw it: its resolved path and its identity (device, inode)."""
+
+    path: str
+    device: int
+    inode: int
+
+    def open(self) -> int:
+        """A read descriptor of this very file, or a BadInputError if the path now leads elsewhere:
+        a symlink swapped in (O_NOFOLLOW; every other component was resolved by the check), a FIFO
+        (O_NONBLOCK keeps the open from blocking), any other inode. Opened per read, so a model with
+        thousands of data files never holds thousands of descriptors."""
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags)
+        except OSError as error:
+            raise BadInputError(f"external data file {self.path} cannot be opened ({error.strerror or error})") from None
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (self.device, self.inode) or not stat.S_ISREG(now.st_mode):
+            os.close(fd)
+            raise BadInputError(f"external data file {self.path} changed since it was checked")
+        return fd
+
+
 def check_external_data(tensors: Iterable[onnx.TensorProto], model_path: Path,
-                        opened: dict[str, int] | None = None) -> set[Path]:
+                        checked: dict[str, CheckedFile] | None = None) -> set[Path]:
     """The (resolved) data files the model's external tensors read, after checking every entry;
     a `BadInputError` naming the model, the tensor and the reason for the first bad one.
 
-    With `opened`, each data file is also opened here, as the very file that was checked, and its
-    descriptor recorded by location: bnfold then reads through it, so a file swapped (for a
-    symlink leading out, say) after the check is never what bnfold reads. The caller closes them."""
+    With `checked`, each data file's identity is recorded by location: bnfold reads only that very
+    file (`CheckedFile.open`), so one swapped after the check (for a symlink leading out, say) is
+    never what bnfold reads."""
     folder = os.path.realpath(model_path.parent if str(model_path.parent) else ".")
     sizes: dict[str, tuple[Path, int]] = {}  # location -> (resolved file, size): one stat per file
     for tensor in tensors:
@@ -63,7 +89,7 @@ def check_external_data(tensors: Iterable[onnx.TensorProto], model_path: Path,
         entries = _entries(tensor, model_path)
         location = entries.get("location", "")
         if location not in sizes:
-            sizes[location] = _data_file(location, folder, tensor, model_path, opened)
+            sizes[location] = _data_file(location, folder, tensor, model_path, checked)
         data_file, size = sizes[location]
         offset = _count(entries, "offset", tensor, model_path)
         length = _count(entries, "length", tensor, model_path)
@@ -104,9 +130,9 @@ def _entries(tensor: onnx.TensorProto, model_path: Path) -> dict[str, str]:
 
 
 def _data_file(location: str, folder: str, tensor: onnx.TensorProto, model_path: Path,
-               opened: dict[str, int] | None) -> tuple[Path, int]:
+               checked: dict[str, CheckedFile] | None) -> tuple[Path, int]:
     """The resolved data file for `location` and its size, if it is a regular file inside `folder`
-    (opened into `opened`, when given)."""
+    (recorded in `checked`, when given)."""
     def refuse(reason: str) -> BadInputError:
         return BadInputError(f"{model_path}: tensor '{tensor.name}': external data location '{location}' {reason}")
 
@@ -129,25 +155,9 @@ def _data_file(location: str, folder: str, tensor: onnx.TensorProto, model_path:
         raise refuse(f"cannot be read ({error.strerror or error})") from None
     if not stat.S_ISREG(status.st_mode):
         raise refuse(f"is a {_kind(status.st_mode)}, not a regular file")
-    if opened is not None:
-        opened[location] = _open_as_checked(resolved, status, refuse)
+    if checked is not None:
+        checked[location] = CheckedFile(resolved, status.st_dev, status.st_ino)
     return Path(resolved), status.st_size
-
-
-def _open_as_checked(resolved: str, checked: os.stat_result, refuse) -> int:
-    """A read descriptor of `resolved` if it is still the file `checked` describes: not a symlink
-    swapped in (O_NOFOLLOW; every other component was resolved already), not a FIFO (O_NONBLOCK
-    keeps the open from blocking), the same inode."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(resolved, flags)
-    except OSError as error:
-        raise refuse(f"cannot be opened ({error.strerror or error})") from None
-    now = os.fstat(fd)
-    if (now.st_dev, now.st_ino) != (checked.st_dev, checked.st_ino) or not stat.S_ISREG(now.st_mode):
-        os.close(fd)
-        raise refuse("changed while it was being checked")
-    return fd
 
 
 def _count(entries: dict[str, str], key: str, tensor: onnx.TensorProto, model_path: Path) -> int | None:

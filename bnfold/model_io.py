@@ -66,7 +66,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     store = TensorStore(path.parent)
 
     def confine(tensors: list[onnx.TensorProto]) -> None:
-        external.update(file_access.check_external_data(tensors, path, store.open_files))
+        external.update(file_access.check_external_data(tensors, path, store.checked_files))
         # Tensors outside the main graph's initializers (Constant nodes, function bodies, sparse
         # tensors, subgraphs) are read now, from the checked files: the checker, shape inference and
         # onnxruntime would otherwise resolve their locations against the current directory.

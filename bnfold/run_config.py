@@ -74,8 +74,9 @@ def _checked_shapes(shapes: object) -> dict[str, list[int]]:
         raise BadInputError(f"input_shapes must map input names to shapes, got {type(shapes).__name__}")
     checked = {}
     for name, shape in shapes.items():
-        if not (isinstance(name, str) and isinstance(shape, Sequence) and not isinstance(shape, str)
-                and all(_is_integer(dim) and dim > 0 for dim in shape)):
+        sequence = (isinstance(shape, Sequence) and not isinstance(shape, str)) or \
+            (isinstance(shape, np.ndarray) and shape.ndim == 1)
+        if not (isinstance(name, str) and sequence and all(_is_integer(dim) and dim > 0 for dim in shape)):
             raise BadInputError(f"input_shapes['{name}']: expected a list of positive integers, got {shape!r}")
         checked[name] = [int(dim) for dim in shape]
     return checked

@@ -12,12 +12,10 @@ only the tensors being folded are ever in memory.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import mmap
 import os
 import sys
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BadInputError
+from bnfold.file_access import CheckedFile
 from bnfold.protos import data_bytes
 from bnfold.walk import iter_tensors
 
@@ -99,10 +98,9 @@ class TensorStore:
     def __init__(self, base_dir: Path | None = None) -> None:
         self.base_dir = base_dir
         self._pending = PendingTensors()
-        # Data files opened when they were checked (`file_access.check_external_data` fills it), by
-        # location: reads go through these, never through the name again. Closed with the store.
-        self.open_files: dict[str, int] = {}
-        weakref.finalize(self, _close_all, self.open_files)
+        # The data files as `file_access.check_external_data` checked them, by location: a read
+        # opens that very file or fails, never whatever the name leads to later.
+        self.checked_files: dict[str, CheckedFile] = {}
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -158,11 +156,13 @@ class TensorStore:
             raise BadInputError(f"tensor '{tensor.name}': cannot read external data {path} ({error})") from None
 
     def _open(self, tensor: onnx.TensorProto) -> BinaryIO:
-        """The tensor's data file: the descriptor opened when it was checked (duplicated: mmap and the
-        file object each own theirs), else opened by name."""
-        fd = self.open_files.get(external_info(tensor).get("location", ""))
-        if fd is not None:
-            return os.fdopen(os.dup(fd), "rb")
+        """The tensor's data file: the very file the check saw, else (not loaded from a path) by name."""
+        checked = self.checked_files.get(external_info(tensor).get("location", ""))
+        if checked is not None:
+            try:
+                return os.fdopen(checked.open(), "rb")
+            except BadInputError as error:
+                raise BadInputError(f"tensor '{tensor.name}': {error}") from None
         return open(self._file(tensor), "rb")
 
     def _file(self, tensor: onnx.TensorProto) -> Path:
@@ -206,10 +206,3 @@ class TensorStore:
 
     def has_deferred(self, model: onnx.ModelProto) -> bool:
         return any(self.is_deferred(t) for t in iter_tensors(model))
-
-
-def _close_all(descriptors: dict[str, int]) -> None:
-    for fd in descriptors.values():
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    descriptors.clear()

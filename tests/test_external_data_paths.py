@@ -274,8 +274,8 @@ def test_only_regular_files_are_models(tmp_path, target, mode):
 # `file_access.check_external_data` resolves each location (symlinks included) once, when the model is
 # loaded. Whoever can write in the model's folder while bnfold runs (a shared upload folder, a CI
 # workspace) could swap the checked file for a symlink to a file outside, and its bytes were copied
-# into the output with --no-verify, because the store re-opened the file by name. The check now opens
-# each file as the inode it checked and bnfold reads only through those descriptors.
+# into the output with --no-verify, because the store re-opened the file by name. The check now records
+# each file's identity (device, inode) and a read opens that very file (O_NOFOLLOW) or fails.
 
 
 C = 4
@@ -322,8 +322,8 @@ def test_data_file_swapped_for_a_symlink_after_the_check_is_not_read(tmp_path: P
 
 
 def test_a_data_file_replaced_between_check_and_open_is_refused(tmp_path: Path, monkeypatch) -> None:
-    """The file is opened as the very inode that was checked: replaced in between (here by a FIFO,
-    which a plain open would block on), it is refused instead of read."""
+    """A read opens the very inode that was checked: replaced in between (here by a FIFO, which a
+    plain open would block on), it is refused instead of read."""
     model = _model()
     onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
     real_stat = file_access.os.stat
@@ -336,7 +336,7 @@ def test_a_data_file_replaced_between_check_and_open_is_refused(tmp_path: Path, 
         return status
 
     monkeypatch.setattr(file_access.os, "stat", stat_then_replace)
-    with pytest.raises(BadInputError, match="changed while it was being checked"):
+    with pytest.raises(BadInputError, match="w.bin changed since it was checked"):
         bnfold.fold(tmp_path / "m.onnx", verify=False)
 
 

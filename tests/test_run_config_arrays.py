@@ -10,14 +10,11 @@ pass; only the container type regressed.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from helpers import conv_bn_model
 
 import bnfold
 
 
-@pytest.mark.xfail(strict=True, reason="run_config._checked_shapes accepts only Sequence shapes; np.ndarray "
-                   "(accepted before by list(shape)) is refused")
 def test_input_shapes_given_as_a_numpy_array_are_accepted():
     model = conv_bn_model()
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]

@@ -58,9 +58,6 @@ print(len(result.report.folded))
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is POSIX")
-@pytest.mark.xfail(strict=True, reason="every data file's descriptor is held open for the store's lifetime "
-                   "(file_access._open_as_checked via TensorStore.open_files): more data files than the "
-                   "descriptor limit is refused with 'Too many open files'")
 def test_a_model_with_more_data_files_than_the_descriptor_limit_folds(tmp_path):
     model = _model_with_many_data_files(tmp_path)
     assert len(list(tmp_path.iterdir())) > FD_LIMIT
