@@ -17,6 +17,8 @@ import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from bnfold.protos import data_bytes
+
 if TYPE_CHECKING:  # pragma: no cover
     from bnfold.tensors import TensorStore
 
@@ -63,25 +65,10 @@ def _key(field_number: int) -> bytes:
 
 
 def raw_size(tensor: onnx.TensorProto) -> int:
-    """The byte size of a tensor's data from its dims and type, without touching the data.
-
-    (upb's `ByteSize()` serialises the message to measure it: seconds on a large model.)
-    """
-    itemsize = _ITEMSIZE.get(tensor.data_type)
-    if itemsize is None:
-        return 0
-    elements = 1
-    for dim in tensor.dims:
-        elements *= dim
-    return elements * itemsize
-
-
-_ITEMSIZE = {
-    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
-    onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2,
-    onnx.TensorProto.INT32: 4, onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
-    onnx.TensorProto.BOOL: 1,
-}
+    """The byte size of a tensor's data from its dims and type, without touching the data (0 for a
+    type without a fixed-size encoding). (upb's `ByteSize()` serialises the message to measure it:
+    seconds on a large model.)"""
+    return data_bytes(tensor) or 0
 
 
 def estimated_size(model: onnx.ModelProto) -> int:
